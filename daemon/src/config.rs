@@ -1,0 +1,267 @@
+//! The TOML configuration file. Unknown keys are rejected; every default is
+//! documented in `docs/configuration.md`. Relative paths are resolved against
+//! the directory that holds the configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Where `presencectl` and friends look when no socket is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/presenced/presenced.toml";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/presenced/control.sock";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub presence: PresenceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address agents connect to. Port 0 picks a free port (logged, and in `stats`).
+    pub listen: SocketAddr,
+    /// Number of shards (executors, one per core). 0 = every online CPU.
+    pub shards: usize,
+    /// Pin each shard to its own CPU.
+    pub pin_cpus: bool,
+    /// Unix control socket path.
+    pub control_socket: PathBuf,
+    /// Listen backlog of each shard's SO_REUSEPORT socket.
+    pub backlog: u32,
+    /// io_uring registered buffer memory per shard, in KiB (glommio refuses < 512).
+    pub io_memory_kib: usize,
+    /// Connections the host is sized for (used for start-up capacity warnings).
+    pub max_connections: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:7443".parse().expect("valid default address"),
+            shards: 0,
+            pin_cpus: true,
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            backlog: 4096,
+            io_memory_kib: 512,
+            max_connections: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// A client that has not completed the TLS handshake by then is dropped.
+    #[serde(default = "default_10s", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the 32-byte fleet key as 64 hex characters.
+    pub fleet_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Interval agents are told to heartbeat at (sent in WELCOME).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Missed intervals before a silent connection is closed (reason `timeout`).
+    pub miss_limit: u32,
+    /// How long an agent whose connection dropped without BYE stays online.
+    #[serde(with = "humantime_serde")]
+    pub offline_grace: Duration,
+    /// HELLO must arrive within this time of accept.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// Events kept for consumers that resume from a sequence number.
+    pub event_ring_capacity: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(30),
+            miss_limit: 3,
+            offline_grace: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(10),
+            event_ring_capacity: 100_000,
+        }
+    }
+}
+
+fn default_10s() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl PresenceConfig {
+    /// Silence after which a connection is closed.
+    pub fn liveness_timeout(&self) -> Duration {
+        self.heartbeat_interval * self.miss_limit
+    }
+}
+
+impl Config {
+    /// Read, parse, resolve relative paths and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parse `text` (named `path` in messages), resolving relative paths against `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        for p in [
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.auth.fleet_key,
+            &mut cfg.server.control_socket,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason: reason.to_owned(),
+        };
+        let p = &self.presence;
+        if p.heartbeat_interval < Duration::from_millis(10)
+            || p.heartbeat_interval.as_millis() > u32::MAX as u128
+        {
+            return Err(invalid(
+                "presence.heartbeat_interval",
+                "must be between 10ms and 49 days",
+            ));
+        }
+        if p.miss_limit == 0 {
+            return Err(invalid("presence.miss_limit", "must be at least 1"));
+        }
+        if p.hello_timeout.is_zero() {
+            return Err(invalid("presence.hello_timeout", "must be greater than 0"));
+        }
+        if self.tls.handshake_timeout.is_zero() {
+            return Err(invalid("tls.handshake_timeout", "must be greater than 0"));
+        }
+        if p.event_ring_capacity == 0 {
+            return Err(invalid("presence.event_ring_capacity", "must be at least 1"));
+        }
+        if self.server.io_memory_kib < 512 {
+            return Err(invalid(
+                "server.io_memory_kib",
+                "glommio needs at least 512 KiB",
+            ));
+        }
+        if self.server.shards > 1024 {
+            return Err(invalid("server.shards", "at most 1024 shards"));
+        }
+        let sock_len = self.server.control_socket.as_os_str().len();
+        if sock_len >= 108 {
+            return Err(invalid(
+                "server.control_socket",
+                "path is longer than the 107 bytes a Unix socket address holds",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of shards to run: `server.shards`, or every online CPU when 0.
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards > 0 {
+            self.server.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+[auth]
+fleet_key = "fleet.key"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(MIN, Path::new("/etc/p/presenced.toml"), Path::new("/etc/p")).unwrap();
+        assert_eq!(c.tls.cert, Path::new("/etc/p/tls/cert.pem"));
+        assert_eq!(c.server.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.presence.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.presence.liveness_timeout(), Duration::from_secs(90));
+        assert_eq!(c.presence.offline_grace, Duration::from_secs(60));
+        assert_eq!(c.tls.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{MIN}\n[presence]\nheartbeat_intervall = \"5s\"\n");
+        let e = Config::parse(&text, Path::new("x.toml"), Path::new(".")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("x.toml"), "{msg}");
+        assert!(msg.contains("heartbeat_intervall"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_value_names_key() {
+        let text = format!("{MIN}\n[presence]\nmiss_limit = 0\n");
+        let e = Config::parse(&text, Path::new("x.toml"), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("presence.miss_limit"), "{e}");
+        let text = format!("{MIN}\n[presence]\nheartbeat_interval = \"often\"\n");
+        let e = Config::parse(&text, Path::new("x.toml"), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("heartbeat_interval"), "{e}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Host tuning checks (filled in by the operations work).
