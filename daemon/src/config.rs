@@ -190,7 +190,10 @@ impl Config {
             return Err(invalid("tls.handshake_timeout", "must be greater than 0"));
         }
         if p.event_ring_capacity == 0 {
-            return Err(invalid("presence.event_ring_capacity", "must be at least 1"));
+            return Err(invalid(
+                "presence.event_ring_capacity",
+                "must be at least 1",
+            ));
         }
         if self.server.io_memory_kib < 512 {
             return Err(invalid(
@@ -237,7 +240,8 @@ fleet_key = "fleet.key"
 
     #[test]
     fn defaults_and_relative_paths() {
-        let c = Config::parse(MIN, Path::new("/etc/p/presenced.toml"), Path::new("/etc/p")).unwrap();
+        let c =
+            Config::parse(MIN, Path::new("/etc/p/presenced.toml"), Path::new("/etc/p")).unwrap();
         assert_eq!(c.tls.cert, Path::new("/etc/p/tls/cert.pem"));
         assert_eq!(c.server.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         assert_eq!(c.presence.heartbeat_interval, Duration::from_secs(30));

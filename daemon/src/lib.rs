@@ -5,5 +5,16 @@
 
 pub mod auth;
 pub mod config;
+pub mod conn;
+pub mod control;
+pub mod devinit;
+pub mod events;
+pub mod presence;
 pub mod protocol;
+pub mod runtime;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod tls;
 pub mod tuning;
+pub mod wheel;

@@ -1,1 +1,115 @@
-fn main() {}
+//! The `presenced` command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use presenced::auth::FleetKey;
+use presenced::config::Config;
+use presenced::{devinit, server};
+
+/// Thread-per-core TLS presence daemon for RMM agent fleets.
+#[derive(Parser)]
+#[command(name = "presenced", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Configuration file.
+        #[arg(long, conflicts_with = "dev")]
+        config: Option<PathBuf>,
+        /// Run on a development setup in ./presenced-dev (created if missing).
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Write a working development setup (config, TLS cert and key, fleet key) into DIR.
+    DevInit {
+        dir: PathBuf,
+        /// Overwrite an existing setup.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print an agent's HELLO token (hex) for the given fleet key.
+    Token {
+        #[arg(long)]
+        fleet_key: PathBuf,
+        id: String,
+    },
+}
+
+const DEV_DIR: &str = "presenced-dev";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, dev } => {
+            init_logging();
+            let path = match (config, dev) {
+                (Some(p), false) => p,
+                (None, true) => {
+                    let dir = Path::new(DEV_DIR);
+                    if !devinit::is_initialised(dir) {
+                        devinit::dev_init(dir, false)?;
+                        tracing::info!(dir = %dir.display(), "wrote a development setup");
+                    }
+                    dir.join(devinit::CONFIG_FILE)
+                }
+                _ => bail!("serve needs --config FILE or --dev"),
+            };
+            serve(&path)
+        }
+        Command::DevInit { dir, force } => {
+            devinit::dev_init(&dir, force)?;
+            println!("wrote a development setup to {}", dir.display());
+            println!(
+                "run it with: presenced serve --config {}",
+                dir.join(devinit::CONFIG_FILE).display()
+            );
+            Ok(())
+        }
+        Command::Token { fleet_key, id } => {
+            presenced::protocol::validate_id(id.as_bytes())
+                .with_context(|| format!("agent id `{id}`"))?;
+            let key = FleetKey::load(&fleet_key)?;
+            println!("{}", hex::encode(key.token(id.as_bytes())));
+            Ok(())
+        }
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_thread_names(true)
+        .init();
+}
+
+fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    // Files the daemon creates (control socket, state) are private by default.
+    // SAFETY: umask has no preconditions; no other thread runs yet.
+    unsafe { libc::umask(0o077) };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone())
+            .with_context(|| format!("installing the handler for signal {sig}"))?;
+    }
+    let prepared = server::prepare(config, shutdown.clone())?;
+    server::run(prepared)?;
+    if shutdown.load(Ordering::Relaxed) {
+        tracing::info!("stopped");
+    }
+    Ok(())
+}

@@ -148,7 +148,12 @@ fn be_u32(p: &[u8]) -> u32 {
     u32::from_be_bytes([p[0], p[1], p[2], p[3]])
 }
 
-fn expect_len(frame: &'static str, p: &[u8], n: usize, s: &'static str) -> Result<(), ProtocolError> {
+fn expect_len(
+    frame: &'static str,
+    p: &[u8],
+    n: usize,
+    s: &'static str,
+) -> Result<(), ProtocolError> {
     if p.len() == n {
         Ok(())
     } else {
@@ -325,6 +330,15 @@ impl FrameDecoder {
         &self.buf
     }
 
+    /// Whether a whole frame (or a header that is already an error) is buffered.
+    pub fn has_frame(&self) -> bool {
+        if self.buf.len() < HEADER_LEN {
+            return false;
+        }
+        let len = u16::from_be_bytes([self.buf[1], self.buf[2]]) as usize;
+        len > MAX_PAYLOAD || self.buf.len() >= HEADER_LEN + len
+    }
+
     /// Append received bytes.
     pub fn extend(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
@@ -429,7 +443,10 @@ mod tests {
 
         let mut d = FrameDecoder::new();
         d.extend(&[0x03, 0, 3, 1, 2, 3]);
-        assert!(matches!(d.next_frame(), Err(ProtocolError::BadLength { .. })));
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::BadLength { .. })
+        ));
 
         let mut hello = vec![1u8, 3];
         hello.extend_from_slice(b"a b");

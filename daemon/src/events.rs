@@ -1,0 +1,141 @@
+//! The event log: presence transitions numbered by a monotonically increasing
+//! `seq`, kept in a bounded ring so a consumer that reconnects can resume
+//! from the last seq it saw. Lives on shard 0, the event shard; owner shards
+//! send it their transitions.
+
+use std::collections::VecDeque;
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use serde::Serialize;
+
+use crate::presence::Transition;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub agent: Box<str>,
+    pub state: &'static str,
+    pub reason: &'static str,
+}
+
+impl Event {
+    /// One JSON line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// Asked for a seq that has already left the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub oldest: u64,
+}
+
+pub struct EventLog {
+    ring: VecDeque<Event>,
+    capacity: usize,
+    next_seq: u64,
+    doorbells: Vec<LocalSender<()>>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize, first_seq: u64) -> Self {
+        Self {
+            ring: VecDeque::new(),
+            capacity,
+            next_seq: first_seq.max(1),
+            doorbells: Vec::new(),
+        }
+    }
+
+    /// The seq the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Oldest seq still held (== next_seq when empty).
+    pub fn oldest_seq(&self) -> u64 {
+        self.ring.front().map_or(self.next_seq, |e| e.seq)
+    }
+
+    /// Number the transition, keep it, wake subscribers.
+    pub fn publish(&mut self, t: Transition) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.ring.len() == self.capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Event {
+            seq,
+            ts_ms: t.ts_ms,
+            agent: t.agent,
+            state: if t.online { "online" } else { "offline" },
+            reason: t.reason,
+        });
+        self.doorbells.retain(|d| match d.try_send(()) {
+            Ok(()) => true,
+            Err(glommio::GlommioError::Closed(_)) => false,
+            Err(_) => true, // full: already rung
+        });
+        seq
+    }
+
+    /// Up to `max` events from `from` on. Err if `from` has left the ring.
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>, Gap> {
+        let oldest = self.oldest_seq();
+        if from < oldest {
+            return Err(Gap { oldest });
+        }
+        let skip = (from - oldest) as usize;
+        Ok(self.ring.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    /// A doorbell rung after every publish (coalesced).
+    pub fn subscribe(&mut self) -> LocalReceiver<()> {
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.doorbells.push(tx);
+        rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(n: u64) -> Transition {
+        Transition {
+            agent: format!("a{n}").into(),
+            online: n % 2 == 0,
+            reason: "hello",
+            ts_ms: n,
+        }
+    }
+
+    #[test]
+    fn resume_and_gap() {
+        let mut log = EventLog::new(3, 1);
+        for n in 0..5 {
+            log.publish(t(n));
+        }
+        assert_eq!(log.next_seq(), 6);
+        assert_eq!(log.oldest_seq(), 3);
+        let got = log.read_from(4, 10).unwrap();
+        assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(log.read_from(2, 10), Err(Gap { oldest: 3 }));
+        assert!(log.read_from(6, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn line_format() {
+        let mut log = EventLog::new(3, 41);
+        log.publish(t(2));
+        let line = log.read_from(41, 1).unwrap()[0].to_line();
+        assert_eq!(
+            line,
+            "{\"seq\":41,\"ts_ms\":2,\"agent\":\"a2\",\"state\":\"online\",\"reason\":\"hello\"}\n"
+        );
+    }
+}

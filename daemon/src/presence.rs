@@ -1,0 +1,351 @@
+//! The presence table of one owner shard: the state machine that turns
+//! connection facts (HELLO accepted, connection gone) into presence events.
+//!
+//! Pure logic, no I/O: the shard feeds it messages and publishes the events
+//! it returns. Every agent id is owned by exactly one shard
+//! ([`owner_shard`]), so the table needs no locks.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::wheel::DeadlineWheel;
+
+/// Which shard owns the presence record of `id`: FNV-1a of the id, modulo
+/// the shard count. Stable across builds (it must agree across an upgrade).
+pub fn owner_shard(id: &[u8], shards: usize) -> usize {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(id);
+    (h.finish() % shards as u64) as usize
+}
+
+/// Where a session's connection lives: shard, slab key and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub key: u32,
+    pub gen: u32,
+}
+
+/// Why a connection ended, as told by its connection shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneReason {
+    /// The agent sent BYE.
+    Bye,
+    /// No frame within heartbeat_interval * miss_limit.
+    Timeout,
+    /// The connection dropped without BYE (EOF, reset, protocol error).
+    Disconnect,
+    /// The daemon is shutting down or handing the connection over: no event.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Connected and heartbeating.
+    Online,
+    /// Connection lost without BYE; still reported online until grace ends.
+    Grace,
+    Offline,
+}
+
+/// A presence transition to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub agent: Box<str>,
+    pub online: bool,
+    pub reason: &'static str,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub state: State,
+    /// Wall-clock ms when the current state began.
+    pub since_ms: u64,
+    /// Wall-clock ms of the last sign of life the owner knows of.
+    pub last_seen_ms: u64,
+    pub session: u64,
+    pub conn: Option<ConnRef>,
+    /// Reason of the last offline transition.
+    pub offline_reason: Option<&'static str>,
+    grace_until: Option<Instant>,
+}
+
+/// What a HELLO did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HelloOutcome {
+    pub transition: Option<Transition>,
+    /// An older session of the same agent that must get ERROR 5 and close.
+    pub supersede: Option<ConnRef>,
+}
+
+pub struct PresenceTable {
+    records: HashMap<Box<str>, Record>,
+    grace: DeadlineWheel<(Box<str>, u64)>,
+    offline_grace: Duration,
+    online: usize,
+    in_grace: usize,
+}
+
+impl PresenceTable {
+    pub fn new(origin: Instant, tick: Duration, offline_grace: Duration) -> Self {
+        Self {
+            records: HashMap::new(),
+            grace: DeadlineWheel::new(origin, tick, 1024),
+            offline_grace,
+            online: 0,
+            in_grace: 0,
+        }
+    }
+
+    /// Agents reported online (connected or within grace).
+    pub fn online(&self) -> usize {
+        self.online + self.in_grace
+    }
+
+    /// Agents whose connection dropped and who are within grace.
+    pub fn in_grace(&self) -> usize {
+        self.in_grace
+    }
+
+    /// Records held (online, grace and offline).
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Record> {
+        self.records.get(id)
+    }
+
+    /// A HELLO for `id` was accepted on `conn` with a new `session`.
+    pub fn hello(&mut self, id: &str, session: u64, conn: ConnRef, now_ms: u64) -> HelloOutcome {
+        let mut out = HelloOutcome::default();
+        match self.records.get_mut(id) {
+            Some(rec) => {
+                match rec.state {
+                    State::Online => {
+                        out.supersede = rec.conn.filter(|c| *c != conn);
+                    }
+                    State::Grace => {
+                        self.in_grace -= 1;
+                        self.online += 1;
+                    }
+                    State::Offline => {
+                        self.online += 1;
+                        rec.since_ms = now_ms;
+                        rec.offline_reason = None;
+                        out.transition = Some(Transition {
+                            agent: id.into(),
+                            online: true,
+                            reason: "hello",
+                            ts_ms: now_ms,
+                        });
+                    }
+                }
+                rec.state = State::Online;
+                rec.session = session;
+                rec.conn = Some(conn);
+                rec.last_seen_ms = now_ms;
+                rec.grace_until = None;
+            }
+            None => {
+                self.online += 1;
+                self.records.insert(
+                    id.into(),
+                    Record {
+                        state: State::Online,
+                        since_ms: now_ms,
+                        last_seen_ms: now_ms,
+                        session,
+                        conn: Some(conn),
+                        offline_reason: None,
+                        grace_until: None,
+                    },
+                );
+                out.transition = Some(Transition {
+                    agent: id.into(),
+                    online: true,
+                    reason: "hello",
+                    ts_ms: now_ms,
+                });
+            }
+        }
+        out
+    }
+
+    /// The connection of `session` ended. Stale sessions (superseded) are ignored.
+    pub fn gone(
+        &mut self,
+        id: &str,
+        session: u64,
+        reason: GoneReason,
+        last_seen_ms: u64,
+        now_ms: u64,
+        now: Instant,
+    ) -> Option<Transition> {
+        let rec = self.records.get_mut(id)?;
+        if rec.session != session || rec.state != State::Online {
+            return None;
+        }
+        rec.last_seen_ms = rec.last_seen_ms.max(last_seen_ms);
+        let offline = |rec: &mut Record, reason: &'static str| {
+            rec.state = State::Offline;
+            rec.conn = None;
+            rec.since_ms = now_ms;
+            rec.offline_reason = Some(reason);
+            Some(Transition {
+                agent: id.into(),
+                online: false,
+                reason,
+                ts_ms: now_ms,
+            })
+        };
+        match reason {
+            GoneReason::Bye => {
+                self.online -= 1;
+                offline(rec, "bye")
+            }
+            GoneReason::Timeout => {
+                self.online -= 1;
+                offline(rec, "timeout")
+            }
+            GoneReason::Disconnect => {
+                self.online -= 1;
+                self.in_grace += 1;
+                rec.state = State::Grace;
+                rec.conn = None;
+                let until = now + self.offline_grace;
+                rec.grace_until = Some(until);
+                self.grace.insert(until, (id.into(), session));
+                None
+            }
+            GoneReason::Shutdown => None,
+        }
+    }
+
+    /// Grace periods that ended by `now` turn into `offline` (reason `disconnect`).
+    pub fn expire(&mut self, now: Instant, now_ms: u64, out: &mut Vec<Transition>) {
+        let records = &mut self.records;
+        let in_grace = &mut self.in_grace;
+        self.grace.expire(now, |(id, session)| {
+            if let Some(rec) = records.get_mut(&id) {
+                let due = rec.grace_until.is_some_and(|u| u <= now);
+                if rec.state == State::Grace && rec.session == session && due {
+                    *in_grace -= 1;
+                    rec.state = State::Offline;
+                    rec.since_ms = now_ms;
+                    rec.grace_until = None;
+                    rec.offline_reason = Some("disconnect");
+                    out.push(Transition {
+                        agent: id,
+                        online: false,
+                        reason: "disconnect",
+                        ts_ms: now_ms,
+                    });
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: ConnRef = ConnRef {
+        shard: 0,
+        key: 1,
+        gen: 1,
+    };
+    const C2: ConnRef = ConnRef {
+        shard: 1,
+        key: 7,
+        gen: 2,
+    };
+
+    fn table() -> (PresenceTable, Instant) {
+        let o = Instant::now();
+        (
+            PresenceTable::new(o, Duration::from_millis(10), Duration::from_millis(100)),
+            o,
+        )
+    }
+
+    #[test]
+    fn hello_then_bye() {
+        let (mut t, o) = table();
+        let h = t.hello("a", 1, C1, 1000);
+        assert!(h.transition.as_ref().unwrap().online);
+        assert_eq!(t.online(), 1);
+        let tr = t.gone("a", 1, GoneReason::Bye, 1000, 1001, o).unwrap();
+        assert_eq!((tr.online, tr.reason), (false, "bye"));
+        assert_eq!(t.online(), 0);
+        // Coming back is a new online event.
+        assert!(t.hello("a", 2, C1, 1002).transition.is_some());
+    }
+
+    #[test]
+    fn grace_reconnect_is_silent_and_expiry_is_disconnect() {
+        let (mut t, o) = table();
+        t.hello("a", 1, C1, 0);
+        assert_eq!(t.gone("a", 1, GoneReason::Disconnect, 0, 0, o), None);
+        assert_eq!(t.online(), 1, "still online during grace");
+        let h = t.hello("a", 2, C2, 5);
+        assert_eq!(h, HelloOutcome::default(), "no event, nothing to supersede");
+        let mut ev = vec![];
+        t.expire(o + Duration::from_secs(1), 1000, &mut ev);
+        assert!(ev.is_empty(), "stale grace entry must not fire");
+
+        t.gone("a", 2, GoneReason::Disconnect, 0, 0, o);
+        t.expire(o + Duration::from_millis(50), 50, &mut ev);
+        assert!(ev.is_empty());
+        t.expire(o + Duration::from_millis(120), 120, &mut ev);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].online, ev[0].reason), (false, "disconnect"));
+        assert_eq!(t.online(), 0);
+    }
+
+    #[test]
+    fn supersede_is_silent_and_old_session_gone_is_ignored() {
+        let (mut t, o) = table();
+        t.hello("a", 1, C1, 0);
+        let h = t.hello("a", 2, C2, 1);
+        assert_eq!(h.transition, None);
+        assert_eq!(h.supersede, Some(C1));
+        assert_eq!(t.gone("a", 1, GoneReason::Disconnect, 0, 2, o), None);
+        assert_eq!(t.get("a").unwrap().state, State::Online);
+        assert_eq!(t.online(), 1);
+    }
+
+    #[test]
+    fn timeout_is_immediate_and_shutdown_is_silent() {
+        let (mut t, o) = table();
+        t.hello("a", 1, C1, 0);
+        t.hello("b", 1, C2, 0);
+        let tr = t.gone("a", 1, GoneReason::Timeout, 0, 90, o).unwrap();
+        assert_eq!(tr.reason, "timeout");
+        assert_eq!(t.gone("b", 1, GoneReason::Shutdown, 0, 90, o), None);
+        assert_eq!(t.get("b").unwrap().state, State::Online);
+    }
+
+    #[test]
+    fn owner_is_stable_and_in_range() {
+        assert_eq!(owner_shard(b"agent-1", 1), 0);
+        for n in 1..8 {
+            assert!(owner_shard(b"x", n) < n);
+        }
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c: a fixed value, not per-build.
+        assert_eq!(
+            owner_shard(b"a", 1 << 20),
+            (0xaf63dc4c8601ec8cu64 % (1 << 20)) as usize
+        );
+    }
+}

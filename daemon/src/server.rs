@@ -1,0 +1,135 @@
+//! Starting the shards: pre-bind one SO_REUSEPORT listener per shard (the
+//! first picks the port when the config says 0), then run one pinned glommio
+//! executor per shard until the shutdown flag is raised.
+//!
+//! Like mini-redis's `run(listener, shutdown)`, [`run`] takes listeners that
+//! are already bound, so tests and a future upgrade path can hand them in.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+use tracing::info;
+
+use crate::auth::FleetKey;
+use crate::config::Config;
+use crate::runtime::Runtime;
+use crate::shard;
+
+/// Messages a shard may queue towards one peer before the sender waits.
+const MESH_CHANNEL_SIZE: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+    #[error("shard {shard} panicked")]
+    ShardPanicked { shard: usize },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+}
+
+/// Bind `count` listening sockets to `addr` with SO_REUSEPORT. With port 0,
+/// the first socket picks the port and the others join it.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> Result<(Vec<OwnedFd>, SocketAddr), ServerError> {
+    let mut out = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let err = |source| ServerError::Bind {
+            addr: bound,
+            source,
+        };
+        let sock = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(err)?;
+        sock.set_reuse_address(true).map_err(err)?;
+        sock.set_reuse_port(true).map_err(err)?;
+        sock.set_cloexec(true).map_err(err)?;
+        sock.bind(&bound.into()).map_err(err)?;
+        sock.listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(err)?;
+        if bound.port() == 0 {
+            bound = sock
+                .local_addr()
+                .map_err(err)?
+                .as_socket()
+                .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
+        }
+        out.push(OwnedFd::from(sock));
+    }
+    Ok((out, bound))
+}
+
+/// Everything `serve` needs, loaded and checked before any thread starts.
+pub struct Prepared {
+    pub runtime: Arc<Runtime>,
+    pub listeners: Vec<OwnedFd>,
+}
+
+/// Load TLS material and the fleet key, bind listeners and check the control socket path.
+pub fn prepare(config: Config, shutdown: Arc<AtomicBool>) -> Result<Prepared, ServerError> {
+    let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let fleet_key = FleetKey::load(&config.auth.fleet_key)?;
+    crate::control::prepare_path(&config.server.control_socket)?;
+    let shards = config.shard_count();
+    let (listeners, listen) = bind_listeners(config.server.listen, shards, config.server.backlog)?;
+    let runtime = Arc::new(Runtime::new(config, tls, fleet_key, listen, shutdown));
+    Ok(Prepared { runtime, listeners })
+}
+
+/// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
+pub fn run(prepared: Prepared) -> Result<(), ServerError> {
+    let Prepared { runtime, listeners } = prepared;
+    let shards = listeners.len();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    info!(listen = %runtime.listen, shards, "presenced listening");
+    let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
+    let mut handles = Vec::with_capacity(shards);
+    for (id, fd) in listeners.into_iter().enumerate() {
+        let placement = if runtime.config.server.pin_cpus {
+            Placement::Fixed(id % cpus)
+        } else {
+            Placement::Unbound
+        };
+        let rt = runtime.clone();
+        let mesh = mesh.clone();
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .io_memory(runtime.config.server.io_memory_kib * 1024)
+            .spawn(move || shard::run(id, rt, mesh, fd))
+            .map_err(|e| ServerError::Executor {
+                shard: id,
+                reason: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    let mut result = Ok(());
+    for (id, h) in handles.into_iter().enumerate() {
+        if h.join().is_err() && result.is_ok() {
+            result = Err(ServerError::ShardPanicked { shard: id });
+        }
+    }
+    let _ = std::fs::remove_file(&runtime.config.server.control_socket);
+    result
+}

@@ -1,0 +1,626 @@
+//! One shard: a glommio executor pinned to a core, owning its SO_REUSEPORT
+//! listener, its slab of connections, its deadline wheel and the presence
+//! records of the agent ids it owns. Shards share nothing mutable; they talk
+//! over a glommio channel mesh ([`ShardMsg`]).
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+use futures::{FutureExt, StreamExt};
+use glommio::channels::channel_mesh::{FullMesh, Receivers, Senders};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::net::TcpListener;
+use glommio::timer::sleep;
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use crate::conn::{self, ConnCmd};
+use crate::events::EventLog;
+use crate::presence::{owner_shard, ConnRef, GoneReason, PresenceTable, Transition};
+use crate::runtime::Runtime;
+use crate::stats::{Counters, ShardSnapshot};
+use crate::wheel::DeadlineWheel;
+
+/// The shard that numbers events and serves the control socket.
+pub const EVENT_SHARD: usize = 0;
+
+/// What an agent's record looks like to `agent <id>`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentInfo {
+    pub agent: String,
+    pub state: crate::presence::State,
+    pub since_ms: u64,
+    pub last_seen_ms: u64,
+    pub session: u64,
+    /// Shard holding the connection (absent when not connected).
+    pub shard: Option<u16>,
+    pub owner_shard: usize,
+    pub offline_reason: Option<&'static str>,
+}
+
+/// Messages between shards.
+pub enum ShardMsg {
+    /// Connection shard -> owner: a HELLO was accepted.
+    Hello {
+        id: Box<str>,
+        session: u64,
+        conn: ConnRef,
+        ts_ms: u64,
+    },
+    /// Connection shard -> owner: a session's connection ended.
+    Gone {
+        id: Box<str>,
+        session: u64,
+        reason: GoneReason,
+        last_seen_ms: u64,
+        ts_ms: u64,
+    },
+    /// Owner -> connection shard: send ERROR 5 and close.
+    Supersede { conn: ConnRef },
+    /// Owner -> event shard: number and publish.
+    Publish(Transition),
+    /// Control -> owner.
+    QueryAgent {
+        id: Box<str>,
+        reply: oneshot::Sender<Option<AgentInfo>>,
+    },
+    /// Owner -> connection shard: fill in the live last-seen time.
+    QueryConn {
+        conn: ConnRef,
+        info: AgentInfo,
+        reply: oneshot::Sender<Option<AgentInfo>>,
+    },
+    /// Control -> every shard.
+    Stats {
+        reply: oneshot::Sender<ShardSnapshot>,
+    },
+}
+
+/// Connection lifecycle phase, which decides the entry's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Handshake,
+    AwaitHello,
+    Session,
+}
+
+/// A connection's slot in the shard's slab.
+pub struct ConnEntry {
+    pub gen: u32,
+    pub phase: Phase,
+    pub accepted: Instant,
+    pub last_seen: Instant,
+    /// Tick at which this entry's live wheel entry is scheduled.
+    wheel_tick: u64,
+    /// Set after HELLO: agent id and session id.
+    pub session: Option<(Box<str>, u64)>,
+    cmd: Option<oneshot::Sender<ConnCmd>>,
+}
+
+/// Routes messages to shards: to itself through a local queue, to peers
+/// through per-peer outboxes drained into the mesh. Never blocks the caller.
+struct Router {
+    me: usize,
+    local: LocalSender<ShardMsg>,
+    outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+}
+
+impl Router {
+    fn send(&self, to: usize, msg: ShardMsg) {
+        let tx = if to == self.me {
+            Some(&self.local)
+        } else {
+            self.outboxes.get(to).and_then(Option::as_ref)
+        };
+        if let Some(tx) = tx {
+            if tx.try_send(msg).is_err() {
+                warn!(to, "shard channel closed; message dropped");
+            }
+        }
+    }
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub nshards: usize,
+    pub rt: Arc<Runtime>,
+    pub conns: RefCell<Slab<ConnEntry>>,
+    wheel: RefCell<DeadlineWheel<(u32, u32)>>,
+    pub presence: RefCell<PresenceTable>,
+    pub events: Option<RefCell<EventLog>>,
+    pub counters: Counters,
+    router: Router,
+    next_gen: Cell<u32>,
+    shutting_down: Cell<bool>,
+}
+
+impl Shard {
+    fn wall_ms_of(&self, t: Instant, now: Instant, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(now.saturating_duration_since(t).as_millis() as u64)
+    }
+
+    fn deadline(&self, e: &ConnEntry) -> Instant {
+        let c = &self.rt.config;
+        match e.phase {
+            Phase::Handshake => e.accepted + c.tls.handshake_timeout,
+            Phase::AwaitHello => e.accepted + c.presence.hello_timeout,
+            Phase::Session => e.last_seen + c.presence.liveness_timeout(),
+        }
+    }
+
+    fn schedule(&self, key: usize, e: &mut ConnEntry, at: Instant) {
+        e.wheel_tick = self.wheel.borrow_mut().insert(at, (key as u32, e.gen));
+    }
+
+    /// Register an accepted connection; returns its key, generation and command receiver.
+    fn register(&self, now: Instant) -> (usize, u32, oneshot::Receiver<ConnCmd>) {
+        let gen = self.next_gen.get().wrapping_add(1);
+        self.next_gen.set(gen);
+        let (tx, rx) = oneshot::channel();
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.vacant_entry();
+        let key = entry.key();
+        let mut e = ConnEntry {
+            gen,
+            phase: Phase::Handshake,
+            accepted: now,
+            last_seen: now,
+            wheel_tick: 0,
+            session: None,
+            cmd: Some(tx),
+        };
+        let c = &self.rt.config;
+        let first = now + c.tls.handshake_timeout.min(c.presence.hello_timeout);
+        self.schedule(key, &mut e, first);
+        entry.insert(e);
+        (key, gen, rx)
+    }
+
+    /// The connection finished its TLS handshake.
+    pub fn handshake_done(&self, key: usize, gen: u32) {
+        if let Some(e) = self
+            .conns
+            .borrow_mut()
+            .get_mut(key)
+            .filter(|e| e.gen == gen)
+        {
+            e.phase = Phase::AwaitHello;
+        }
+    }
+
+    /// HELLO accepted: start the session and tell the owner shard.
+    pub fn session_started(&self, key: usize, gen: u32, id: &str, session: u64) {
+        let now = Instant::now();
+        let mut conns = self.conns.borrow_mut();
+        let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
+            return;
+        };
+        e.phase = Phase::Session;
+        e.last_seen = now;
+        e.session = Some((id.into(), session));
+        let at = self.deadline(e);
+        self.schedule(key, e, at);
+        drop(conns);
+        let owner = owner_shard(id.as_bytes(), self.nshards);
+        self.router.send(
+            owner,
+            ShardMsg::Hello {
+                id: id.into(),
+                session,
+                conn: ConnRef {
+                    shard: self.id as u16,
+                    key: key as u32,
+                    gen,
+                },
+                ts_ms: crate::runtime::wall_ms(),
+            },
+        );
+    }
+
+    /// A frame arrived: the connection is alive.
+    pub fn touch(&self, key: usize, gen: u32, now: Instant) {
+        if let Some(e) = self
+            .conns
+            .borrow_mut()
+            .get_mut(key)
+            .filter(|e| e.gen == gen)
+        {
+            e.last_seen = now;
+        }
+    }
+
+    /// The connection task ended: free the slot, tell the owner.
+    pub fn connection_closed(&self, key: usize, gen: u32, reason: GoneReason) {
+        let mut conns = self.conns.borrow_mut();
+        if conns.get(key).is_none_or(|e| e.gen != gen) {
+            return;
+        }
+        let e = conns.remove(key);
+        drop(conns);
+        if let Some((id, session)) = e.session {
+            let now = Instant::now();
+            let now_ms = crate::runtime::wall_ms();
+            let owner = owner_shard(id.as_bytes(), self.nshards);
+            self.router.send(
+                owner,
+                ShardMsg::Gone {
+                    id,
+                    session,
+                    reason,
+                    last_seen_ms: self.wall_ms_of(e.last_seen, now, now_ms),
+                    ts_ms: now_ms,
+                },
+            );
+        }
+    }
+
+    fn signal(&self, key: usize, gen: u32, cmd: ConnCmd) {
+        if let Some(e) = self
+            .conns
+            .borrow_mut()
+            .get_mut(key)
+            .filter(|e| e.gen == gen)
+        {
+            if let Some(tx) = e.cmd.take() {
+                let _ = tx.send(cmd);
+            }
+        }
+    }
+
+    fn publish(&self, t: Transition) {
+        self.router.send(EVENT_SHARD, ShardMsg::Publish(t));
+    }
+
+    /// Handle one message from a shard (possibly this one). Never awaits.
+    fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Hello {
+                id,
+                session,
+                conn,
+                ts_ms,
+            } => {
+                let out = self.presence.borrow_mut().hello(&id, session, conn, ts_ms);
+                if let Some(old) = out.supersede {
+                    self.router
+                        .send(old.shard as usize, ShardMsg::Supersede { conn: old });
+                }
+                if let Some(t) = out.transition {
+                    self.publish(t);
+                }
+            }
+            ShardMsg::Gone {
+                id,
+                session,
+                reason,
+                last_seen_ms,
+                ts_ms,
+            } => {
+                let t = self.presence.borrow_mut().gone(
+                    &id,
+                    session,
+                    reason,
+                    last_seen_ms,
+                    ts_ms,
+                    Instant::now(),
+                );
+                if let Some(t) = t {
+                    self.publish(t);
+                }
+            }
+            ShardMsg::Supersede { conn } => {
+                self.signal(conn.key as usize, conn.gen, ConnCmd::Superseded);
+            }
+            ShardMsg::Publish(t) => match &self.events {
+                Some(log) => {
+                    log.borrow_mut().publish(t);
+                }
+                None => warn!("event published to a shard without the event log"),
+            },
+            ShardMsg::QueryAgent { id, reply } => {
+                let presence = self.presence.borrow();
+                let Some(rec) = presence.get(&id) else {
+                    let _ = reply.send(None);
+                    return;
+                };
+                let info = AgentInfo {
+                    agent: id.to_string(),
+                    state: rec.state,
+                    since_ms: rec.since_ms,
+                    last_seen_ms: rec.last_seen_ms,
+                    session: rec.session,
+                    shard: rec.conn.map(|c| c.shard),
+                    owner_shard: self.id,
+                    offline_reason: rec.offline_reason,
+                };
+                match rec.conn {
+                    Some(conn) => self.router.send(
+                        conn.shard as usize,
+                        ShardMsg::QueryConn { conn, info, reply },
+                    ),
+                    None => {
+                        let _ = reply.send(Some(info));
+                    }
+                }
+            }
+            ShardMsg::QueryConn {
+                conn,
+                mut info,
+                reply,
+            } => {
+                let conns = self.conns.borrow();
+                if let Some(e) = conns.get(conn.key as usize).filter(|e| e.gen == conn.gen) {
+                    let now = Instant::now();
+                    info.last_seen_ms =
+                        self.wall_ms_of(e.last_seen, now, crate::runtime::wall_ms());
+                }
+                let _ = reply.send(Some(info));
+            }
+            ShardMsg::Stats { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    /// Ask `shard` for its statistics.
+    pub fn request_stats(&self, shard: usize) -> oneshot::Receiver<ShardSnapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.router.send(shard, ShardMsg::Stats { reply: tx });
+        rx
+    }
+
+    /// Ask the owner shard for an agent's record.
+    pub fn request_agent(&self, id: &str) -> oneshot::Receiver<Option<AgentInfo>> {
+        let (tx, rx) = oneshot::channel();
+        let owner = owner_shard(id.as_bytes(), self.nshards);
+        self.router.send(
+            owner,
+            ShardMsg::QueryAgent {
+                id: id.into(),
+                reply: tx,
+            },
+        );
+        rx
+    }
+
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let conns = self.conns.borrow();
+        let sessions = conns.iter().filter(|(_, e)| e.session.is_some()).count();
+        let presence = self.presence.borrow();
+        self.counters.snapshot(
+            self.id,
+            conns.len() as u64,
+            sessions as u64,
+            presence.len() as u64,
+            presence.online() as u64,
+            presence.in_grace() as u64,
+        )
+    }
+
+    /// One tick: fire due deadlines, end due grace periods.
+    fn on_tick(&self, fired: &mut Vec<(u64, (u32, u32))>, transitions: &mut Vec<Transition>) {
+        let now = Instant::now();
+        self.wheel
+            .borrow_mut()
+            .expire_with_tick(now, |t, item| fired.push((t, item)));
+        for (tick, (key, gen)) in fired.drain(..) {
+            let mut conns = self.conns.borrow_mut();
+            let Some(e) = conns.get_mut(key as usize) else {
+                continue;
+            };
+            if e.gen != gen || e.wheel_tick != tick {
+                continue; // stale entry
+            }
+            let due = self.deadline(e);
+            if due <= now {
+                let cmd = match e.phase {
+                    Phase::Handshake => ConnCmd::HandshakeTimeout,
+                    Phase::AwaitHello => ConnCmd::HelloTimeout,
+                    Phase::Session => ConnCmd::Timeout,
+                };
+                if let Some(tx) = e.cmd.take() {
+                    let _ = tx.send(cmd);
+                }
+            } else {
+                self.schedule(key as usize, e, due);
+            }
+        }
+        self.presence
+            .borrow_mut()
+            .expire(now, crate::runtime::wall_ms(), transitions);
+        for t in transitions.drain(..) {
+            self.publish(t);
+        }
+    }
+
+    /// Tell every connection to close with ERROR 7 (no presence events).
+    fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        let mut conns = self.conns.borrow_mut();
+        for (_, e) in conns.iter_mut() {
+            if let Some(tx) = e.cmd.take() {
+                let _ = tx.send(ConnCmd::Shutdown);
+            }
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+}
+
+/// Wheel tick: fine enough for the shortest deadline, at most 100 ms.
+fn wheel_tick(rt: &Runtime) -> Duration {
+    let c = &rt.config;
+    let shortest = c
+        .presence
+        .liveness_timeout()
+        .min(c.presence.hello_timeout)
+        .min(c.tls.handshake_timeout)
+        .min(c.presence.offline_grace.max(Duration::from_millis(1)));
+    (shortest / 20).clamp(Duration::from_millis(5), Duration::from_millis(100))
+}
+
+/// Run shard `id` until shutdown. `listener` is this shard's pre-bound,
+/// listening SO_REUSEPORT socket.
+pub async fn run(id: usize, rt: Arc<Runtime>, mesh: FullMesh<ShardMsg>, listener: OwnedFd) {
+    let nshards = mesh.nr_peers();
+    let (senders, mut receivers): (Senders<ShardMsg>, Receivers<ShardMsg>) = match mesh.join().await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(shard = id, "could not join the shard mesh: {e}");
+            return;
+        }
+    };
+    let senders = Rc::new(senders);
+    let (local_tx, local_rx) = local_channel::new_unbounded();
+    let mut outboxes = Vec::with_capacity(nshards);
+    let mut outbox_rxs = Vec::new();
+    for peer in 0..nshards {
+        if peer == id {
+            outboxes.push(None);
+        } else {
+            let (tx, rx) = local_channel::new_unbounded();
+            outboxes.push(Some(tx));
+            outbox_rxs.push((peer, rx));
+        }
+    }
+    let origin = Instant::now();
+    let tick = wheel_tick(&rt);
+    let shard = Rc::new(Shard {
+        id,
+        nshards,
+        conns: RefCell::new(Slab::new()),
+        wheel: RefCell::new(DeadlineWheel::new(origin, tick, 1024)),
+        presence: RefCell::new(PresenceTable::new(
+            origin,
+            tick,
+            rt.config.presence.offline_grace,
+        )),
+        events: (id == EVENT_SHARD)
+            .then(|| RefCell::new(EventLog::new(rt.config.presence.event_ring_capacity, 1))),
+        counters: Counters::default(),
+        router: Router {
+            me: id,
+            local: local_tx,
+            outboxes,
+        },
+        next_gen: Cell::new(0),
+        shutting_down: Cell::new(false),
+        rt,
+    });
+
+    // Mesh plumbing: outboxes drain into the mesh; inbound messages are handled.
+    for (peer, rx) in outbox_rxs {
+        let senders = senders.clone();
+        glommio::spawn_local(forward(peer, rx, senders)).detach();
+    }
+    for (_, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let mut rx = rx;
+            while let Some(msg) = rx.next().await {
+                shard.handle(msg);
+            }
+        })
+        .detach();
+    }
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = local_rx.recv().await {
+                shard.handle(msg);
+            }
+        })
+        .detach();
+    }
+
+    // SAFETY-free: glommio takes ownership of the listening fd.
+    let listener = unsafe {
+        use std::os::fd::FromRawFd;
+        TcpListener::from_raw_fd(listener.into_raw_fd())
+    };
+    let (stop_tx, stop_rx) = local_channel::new_bounded::<()>(1);
+    let accept_task = glommio::spawn_local(accept_loop(shard.clone(), listener, stop_rx)).detach();
+
+    if id == EVENT_SHARD {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = crate::control::serve(shard).await {
+                warn!("control socket stopped: {e}");
+            }
+        })
+        .detach();
+    }
+
+    info!(shard = id, tick_ms = tick.as_millis() as u64, "shard ready");
+    shard.rt.shard_ready();
+
+    // The ticker drives deadlines and watches for shutdown.
+    let mut fired = Vec::new();
+    let mut transitions = Vec::new();
+    loop {
+        sleep(tick).await;
+        shard.on_tick(&mut fired, &mut transitions);
+        if shard.rt.shutdown.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+
+    // Shutdown: stop accepting, ask every connection to close, wait briefly.
+    let _ = stop_tx.try_send(());
+    accept_task.await;
+    shard.begin_shutdown();
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while !shard.conns.borrow().is_empty() && Instant::now() < give_up {
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Let queued mesh messages go out before the executor stops.
+    sleep(Duration::from_millis(20)).await;
+    info!(shard = id, "shard stopped");
+}
+
+async fn forward(peer: usize, rx: LocalReceiver<ShardMsg>, senders: Rc<Senders<ShardMsg>>) {
+    while let Some(msg) = rx.recv().await {
+        if senders.send_to(peer, msg).await.is_err() {
+            debug!(peer, "mesh peer gone");
+            break;
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: LocalReceiver<()>) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = futures::select_biased! {
+            _ = stop.recv().fuse() => break,
+            r = listener.accept().fuse() => r,
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                shard.counters.accept_errors.inc();
+                // Rate-limited: EMFILE in a storm must not flood the journal.
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    warn!(shard = shard.id, "accept failed: {e}");
+                    last_warn = Some(Instant::now());
+                }
+                sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        if shard.is_shutting_down() {
+            break;
+        }
+        shard.counters.accepted.inc();
+        let _ = stream.set_nodelay(true);
+        let (key, gen, cmd) = shard.register(Instant::now());
+        glommio::spawn_local(conn::serve(shard.clone(), stream, key, gen, cmd)).detach();
+    }
+}

@@ -1,0 +1,109 @@
+//! Per-shard counters (plain cells: each shard owns its own) and the
+//! snapshots the control socket aggregates.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::protocol::ErrorCode;
+
+/// A shard-local counter.
+#[derive(Default)]
+pub struct Counter(Cell<u64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.set(self.0.get() + 1);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub accepted: Counter,
+    pub accept_errors: Counter,
+    pub handshakes: Counter,
+    pub handshake_failures: Counter,
+    pub handshake_timeouts: Counter,
+    pub hellos: Counter,
+    pub heartbeats: Counter,
+    pub timeouts: Counter,
+    pub byes: Counter,
+    /// ERROR frames sent, by code (index = code).
+    pub errors_sent: [Counter; 8],
+}
+
+impl Counters {
+    pub fn error_sent(&self, code: ErrorCode) {
+        self.errors_sent[code as usize].inc();
+    }
+
+    pub fn snapshot(
+        &self,
+        shard: usize,
+        connections: u64,
+        sessions: u64,
+        agents_known: u64,
+        agents_online: u64,
+        agents_in_grace: u64,
+    ) -> ShardSnapshot {
+        ShardSnapshot {
+            shard,
+            connections,
+            sessions,
+            agents_known,
+            agents_online,
+            agents_in_grace,
+            accepted_total: self.accepted.get(),
+            accept_errors_total: self.accept_errors.get(),
+            handshakes_total: self.handshakes.get(),
+            handshake_failures_total: self.handshake_failures.get(),
+            handshake_timeouts_total: self.handshake_timeouts.get(),
+            hellos_total: self.hellos.get(),
+            heartbeats_total: self.heartbeats.get(),
+            timeouts_total: self.timeouts.get(),
+            byes_total: self.byes.get(),
+            errors_sent: ErrorCode::ALL
+                .iter()
+                .map(|c| (c.name(), self.errors_sent[*c as usize].get()))
+                .collect(),
+        }
+    }
+}
+
+/// One shard's figures, sent to the control socket over the mesh.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardSnapshot {
+    pub shard: usize,
+    /// Open TCP connections (any phase).
+    pub connections: u64,
+    /// Connections past HELLO.
+    pub sessions: u64,
+    /// Presence records this shard owns.
+    pub agents_known: u64,
+    pub agents_online: u64,
+    pub agents_in_grace: u64,
+    pub accepted_total: u64,
+    pub accept_errors_total: u64,
+    pub handshakes_total: u64,
+    pub handshake_failures_total: u64,
+    pub handshake_timeouts_total: u64,
+    pub hellos_total: u64,
+    pub heartbeats_total: u64,
+    pub timeouts_total: u64,
+    pub byes_total: u64,
+    /// ERROR frames sent, by code name.
+    pub errors_sent: BTreeMap<&'static str, u64>,
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(0) as u64)
+}
