@@ -160,6 +160,27 @@ async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
     String::from_utf8(line.to_vec()).map_err(|_| "request is not UTF-8".to_owned())
 }
 
+/// Read and discard input for at most 1 s or 1 MiB, until the client closes.
+async fn drain(stream: &mut UnixStream) {
+    let draining = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    }
+    .fuse();
+    let limit = sleep(Duration::from_secs(1)).fuse();
+    pin_mut!(draining, limit);
+    futures::select_biased! {
+        _ = draining => {},
+        _ = limit => {},
+    }
+}
+
 async fn write_bounded(stream: &mut UnixStream, data: &[u8]) -> bool {
     let writing = async {
         stream.write_all(data).await?;
@@ -185,6 +206,9 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream) {
         Ok(l) => l,
         Err(e) => {
             reply(&mut stream, &json!({ "error": e })).await;
+            // Closing with unread input resets the peer before it reads the
+            // error: discard what is still arriving, within bounds.
+            drain(&mut stream).await;
             return;
         }
     };

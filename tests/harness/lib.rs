@@ -1,1 +1,347 @@
+//! End-to-end test harness: spawns the real `presenced` binary on a fresh
+//! dev setup bound to port 0, and talks to it over real TLS (the bench's
+//! client library) and its real control socket.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+use presence_client::{Alpn, ClientTls, Connection, FleetKey, Welcome};
+use serde_json::Value;
+
+/// Path of a workspace binary next to the test executable (target/<profile>/NAME).
+/// Builds the workspace binaries if it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--workspace", "--bins"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// Settings for a test daemon. Defaults are short so tests run quickly.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub shards: usize,
+    pub heartbeat_interval: &'static str,
+    pub miss_limit: u32,
+    pub offline_grace: &'static str,
+    pub hello_timeout: &'static str,
+    pub handshake_timeout: &'static str,
+    pub event_ring_capacity: usize,
+    /// Extra TOML appended verbatim.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            shards: 2,
+            heartbeat_interval: "30s",
+            miss_limit: 3,
+            offline_grace: "60s",
+            hello_timeout: "10s",
+            handshake_timeout: "10s",
+            event_ring_capacity: 100_000,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running daemon, killed (SIGKILL) on drop if still alive.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub control: PathBuf,
+    pub fleet_key: FleetKey,
+    pub ca: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn config_text(o: &Options) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+shards = {shards}
+control_socket = "control.sock"
+
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+handshake_timeout = "{hs}"
+
+[auth]
+fleet_key = "fleet.key"
+
+[presence]
+heartbeat_interval = "{hb}"
+miss_limit = {miss}
+offline_grace = "{grace}"
+hello_timeout = "{hello}"
+event_ring_capacity = {ring}
+{extra}
+"#,
+        shards = o.shards,
+        hs = o.handshake_timeout,
+        hb = o.heartbeat_interval,
+        miss = o.miss_limit,
+        grace = o.offline_grace,
+        hello = o.hello_timeout,
+        ring = o.event_ring_capacity,
+        extra = o.extra,
+    )
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    /// `presenced dev-init` into a temp dir, write the test config, spawn `serve`.
+    pub fn start_with(o: Options) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pd")
+            .tempdir_in(std::env::temp_dir())
+            .expect("tempdir");
+        let out = Command::new(bin("presenced"))
+            .arg("dev-init")
+            .arg(dir.path())
+            .output()
+            .expect("spawn presenced dev-init");
+        assert!(out.status.success(), "dev-init failed: {out:?}");
+        std::fs::write(dir.path().join("presenced.toml"), config_text(&o)).expect("write config");
+        Self::spawn_in(dir)
+    }
+
+    /// Spawn `presenced serve` on the setup already in `dir`.
+    pub fn spawn_in(dir: tempfile::TempDir) -> Self {
+        let log = dir.path().join("presenced.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("presenced"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("presenced.toml"))
+            .env("RUST_LOG", "info,presenced=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn presenced serve");
+        let control = dir.path().join("control.sock");
+        let fleet_key = FleetKey::load(&dir.path().join("fleet.key")).expect("fleet key");
+        let ca = dir.path().join("tls/cert.pem");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            control,
+            fleet_key,
+            ca,
+            log,
+        };
+        d.addr = d.wait_ready(Duration::from_secs(20));
+        d
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> SocketAddr {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("presenced exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            if let Ok(v) = self.try_control_json("stats") {
+                if let Some(addr) = v["listen"].as_str().and_then(|s| s.parse().ok()) {
+                    return addr;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "presenced not ready in {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send one control command; return everything the daemon wrote until it closed.
+    pub fn try_control(&self, cmd: &str) -> std::io::Result<String> {
+        let mut s = StdUnixStream::connect(&self.control)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(cmd.as_bytes())?;
+        s.write_all(b"\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    pub fn try_control_json(&self, cmd: &str) -> Result<Value, String> {
+        let text = self.try_control(cmd).map_err(|e| e.to_string())?;
+        serde_json::from_str(text.trim()).map_err(|e| format!("{e}: {text:?}"))
+    }
+
+    pub fn control_json(&self, cmd: &str) -> Value {
+        self.try_control_json(cmd)
+            .unwrap_or_else(|e| {
+                let shown: String = cmd.chars().take(60).collect();
+                panic!("control `{shown}`: {e}\n{}", self.log_text())
+            })
+    }
+
+    pub fn stats(&self) -> Value {
+        self.control_json("stats")
+    }
+
+    /// Poll `stats` until `pred` holds or `limit` passes; returns the last stats.
+    pub fn wait_stats(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.stats();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "stats never matched: {s:#}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Open an `events` subscription.
+    pub fn events(&self, from: Option<u64>) -> EventStream {
+        let s = StdUnixStream::connect(&self.control).expect("connect control socket");
+        let mut w = s.try_clone().expect("clone");
+        let cmd = match from {
+            Some(seq) => format!("events from {seq}\n"),
+            None => "events\n".to_owned(),
+        };
+        w.write_all(cmd.as_bytes()).expect("write events command");
+        // The subscription is registered once the daemon has read the line;
+        // a stats round trip on the same (single) control shard orders it.
+        std::thread::sleep(Duration::from_millis(50));
+        EventStream {
+            reader: BufReader::new(s),
+        }
+    }
+
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        self.client_tls_alpn(Alpn::Presence)
+    }
+
+    pub fn client_tls_alpn(&self, alpn: Alpn) -> Arc<rustls::ClientConfig> {
+        ClientTls::from_ca_file(&self.ca)
+            .expect("CA")
+            .alpn(alpn)
+            .build()
+            .expect("client config")
+    }
+
+    pub async fn connect(&self) -> Connection {
+        Connection::connect(self.addr, "localhost", self.client_tls())
+            .await
+            .expect("connect")
+    }
+
+    /// Connect and HELLO as `id`.
+    pub async fn agent(&self, id: &str) -> (Connection, Welcome) {
+        let mut c = self.connect().await;
+        let token = self.fleet_key.token(id.as_bytes());
+        let w = c.hello(id.as_bytes(), &token).await.expect("hello");
+        (c, w)
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = signal(child.id(), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL without any clean-up, like a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Send `sig` to `pid`.
+pub fn signal(pid: u32, sig: Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A live `events` subscription.
+pub struct EventStream {
+    reader: BufReader<StdUnixStream>,
+}
+
+impl EventStream {
+    /// The next event line within `limit`, or None.
+    pub fn next(&mut self, limit: Duration) -> Option<Value> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(limit))
+            .expect("set timeout");
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(line.trim()).expect("event line is JSON")),
+        }
+    }
+
+    /// Every event that arrives within `window`.
+    pub fn collect(&mut self, window: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if left.is_zero() {
+                break;
+            }
+            match self.next(left) {
+                Some(v) => out.push(v),
+                None => break,
+            }
+        }
+        out
+    }
+}
