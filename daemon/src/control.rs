@@ -295,6 +295,7 @@ pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
         "events_next_seq": next_seq,
         "events_oldest_seq": oldest_seq,
         "rss_bytes": crate::stats::rss_bytes(),
+        "heap_bytes": crate::stats::heap_bytes(),
         "per_shard": per_shard,
     })
 }

@@ -46,6 +46,11 @@ enum Command {
 
 const DEV_DIR: &str = "presenced-dev";
 
+/// jemalloc: low fragmentation for millions of small per-connection
+/// allocations, and live-heap statistics for `stats` (`heap_bytes`).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

@@ -107,3 +107,12 @@ pub fn rss_bytes() -> Option<u64> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page.max(0) as u64)
 }
+
+/// Live heap bytes allocated through jemalloc (None when jemalloc is not the
+/// global allocator, e.g. in unit tests).
+pub fn heap_bytes() -> Option<u64> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64;
+    // Without jemalloc as the global allocator its own arenas are nearly empty.
+    (allocated > 0).then_some(allocated)
+}
