@@ -39,6 +39,15 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub presence: PresenceConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus text on `http://LISTEN/metrics` (off when absent).
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +61,8 @@ pub struct ServerConfig {
     pub pin_cpus: bool,
     /// Unix control socket path.
     pub control_socket: PathBuf,
+    /// Group allowed to use the control socket (mode 0660); absent = owner only (0600).
+    pub control_group: Option<String>,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: u32,
     /// io_uring registered buffer memory per shard, in KiB (glommio refuses < 512).
@@ -67,6 +78,7 @@ impl Default for ServerConfig {
             shards: 0,
             pin_cpus: true,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            control_group: None,
             backlog: 4096,
             io_memory_kib: 512,
             max_connections: 1_000_000,

@@ -146,6 +146,7 @@ async fn drive(
     mut cmd: &mut oneshot::Receiver<ConnCmd>,
 ) -> GoneReason {
     // 1. TLS handshake, ended early by the handshake deadline or shutdown.
+    let accepted = Instant::now();
     let acceptor = TlsAcceptor::from(shard.rt.tls());
     let handshake = acceptor.accept(tcp).fuse();
     pin_mut!(handshake);
@@ -170,6 +171,7 @@ async fn drive(
         }
     };
     shard.counters.handshakes.inc();
+    shard.counters.handshake_latency.record(accepted.elapsed());
     shard.handshake_done(key, gen);
     let mut conn = Conn {
         tls,
@@ -187,7 +189,7 @@ async fn drive(
                 conn.fail(shard, ErrorCode::UnsupportedVersion, &msg).await;
                 return GoneReason::Disconnect;
             }
-            if !shard.rt.fleet_key.verify(&id, &token) {
+            if !shard.rt.verify_token(&id, &token) {
                 conn.fail(
                     shard,
                     ErrorCode::AuthenticationFailed,
@@ -239,8 +241,9 @@ async fn drive(
     }
     loop {
         let wake = conn.next(cmd).await;
+        let now = Instant::now();
         if let Wake::Frame(_) = wake {
-            shard.touch(key, gen, Instant::now());
+            shard.touch(key, gen, now);
         }
         match wake {
             Wake::Frame(Frame::Heartbeat { seq }) => {
@@ -253,6 +256,7 @@ async fn drive(
                 if let Err(c) = conn.flush(cmd).await {
                     return end_on_command(shard, &mut conn, c).await;
                 }
+                shard.counters.heartbeat_latency.record(now.elapsed());
             }
             Wake::Frame(Frame::Bye) => {
                 shard.counters.byes.inc();

@@ -6,17 +6,21 @@
 //! - `events [from <seq>]`: event lines from that seq (or from now), then new
 //!   ones as they happen, until the client closes.
 //! - `ping`: `{"ok":true,...}`, then close.
+//! - `metrics`: the Prometheus text exposition format, then close.
+//! - `reload`: reload certificate, key and fleet key; `{"ok":...}`.
 //!
 //! Unknown commands get `{"error":"..."}`.
 
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{pin_mut, FutureExt};
-use glommio::net::{UnixListener, UnixStream};
+use glommio::net::UnixStream;
 use glommio::timer::sleep;
 use serde_json::{json, Value};
 use thiserror::Error;
@@ -41,8 +45,8 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("control socket {path}: {reason}")]
-    Bind { path: PathBuf, reason: String },
+    #[error("control socket {path}: group `{group}` does not exist")]
+    NoSuchGroup { path: PathBuf, group: String },
 }
 
 /// Remove a stale socket file; refuse if a live daemon answers on it.
@@ -62,6 +66,33 @@ pub fn prepare_path(path: &Path) -> Result<(), ControlError> {
     }
 }
 
+/// Bind the control socket: mode 0600, or 0660 owned by `group`.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<StdUnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    prepare_path(path)?;
+    let listener = StdUnixListener::bind(path).map_err(io)?;
+    listener.set_nonblocking(true).map_err(io)?;
+    let mode = match group {
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .map_err(|e| io(std::io::Error::from(e)))?
+                .ok_or_else(|| ControlError::NoSuchGroup {
+                    path: path.to_owned(),
+                    group: name.to_owned(),
+                })?
+                .gid;
+            nix::unistd::chown(path, None, Some(gid)).map_err(|e| io(std::io::Error::from(e)))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(listener)
+}
+
 /// A parsed request line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
@@ -69,7 +100,11 @@ pub enum Request {
     Agent(String),
     Events { from: Option<u64> },
     Ping,
+    Metrics,
+    Reload,
 }
+
+const USAGE: &str = "try: stats, agent <id>, events [from <seq>], metrics, reload, ping";
 
 /// Parse one request line.
 pub fn parse_request(line: &str) -> Result<Request, String> {
@@ -77,6 +112,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     match words.as_slice() {
         ["stats"] => Ok(Request::Stats),
         ["ping"] => Ok(Request::Ping),
+        ["metrics"] => Ok(Request::Metrics),
+        ["reload"] => Ok(Request::Reload),
         ["agent", id] => {
             crate::protocol::validate_id(id.as_bytes()).map_err(|e| e.to_string())?;
             Ok(Request::Agent((*id).to_owned()))
@@ -86,43 +123,59 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             .parse()
             .map(|s| Request::Events { from: Some(s) })
             .map_err(|_| format!("`{seq}` is not a sequence number")),
-        [] => Err("empty request; try: stats, agent <id>, events [from <seq>], ping".into()),
-        _ => Err(format!(
-            "unknown command `{}`; try: stats, agent <id>, events [from <seq>], ping",
-            line.trim()
-        )),
+        [] => Err(format!("empty request; {USAGE}")),
+        _ => Err(format!("unknown command `{}`; {USAGE}", line.trim())),
     }
 }
 
+/// How often the (non-blocking) control listener is polled for clients.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Who is on the other end of a control connection (SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn peer_of(fd: &OwnedFd) -> Option<Peer> {
+    let c = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some(Peer {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
+}
+
 /// Serve the control socket on the event shard until the daemon stops.
-pub async fn serve(shard: Rc<Shard>) -> Result<(), ControlError> {
+/// The listener was bound (and its mode set) before any shard started.
+pub async fn serve(shard: Rc<Shard>, listener: StdUnixListener) -> Result<(), ControlError> {
     let path = shard.rt.config.server.control_socket.clone();
-    let listener = UnixListener::bind(&path).map_err(|e| ControlError::Bind {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ControlError::Io {
-            path: path.clone(),
-            source,
-        }
-    })?;
     info!(path = %path.display(), "control socket listening");
-    loop {
-        if shard.is_shutting_down() {
-            break;
-        }
-        match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(client(shard.clone(), stream)).detach();
+    while !shard.is_shutting_down() {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let fd = OwnedFd::from(stream);
+                let peer = peer_of(&fd);
+                if let Err(e) = nix::fcntl::fcntl(
+                    fd.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                ) {
+                    warn!("control client: {e}");
+                    continue;
+                }
+                // SAFETY: the fd is a connected Unix stream socket we own.
+                let stream = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+                glommio::spawn_local(client(shard.clone(), stream, peer)).detach();
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sleep(ACCEPT_POLL).await,
             Err(e) => {
                 warn!("control accept failed: {e}");
-                sleep(Duration::from_millis(50)).await;
+                sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
@@ -201,7 +254,7 @@ async fn reply(stream: &mut UnixStream, v: &Value) {
     write_bounded(stream, line.as_bytes()).await;
 }
 
-async fn client(shard: Rc<Shard>, mut stream: UnixStream) {
+async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
     let line = match read_request(&mut stream).await {
         Ok(l) => l,
         Err(e) => {
@@ -238,6 +291,19 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream) {
             reply(&mut stream, &v).await;
         }
         Request::Events { from } => stream_events(&shard, &mut stream, from).await,
+        Request::Metrics => {
+            let v = gather_stats(&shard).await;
+            let text = crate::metrics::render(&v);
+            write_bounded(&mut stream, text.as_bytes()).await;
+        }
+        Request::Reload => {
+            info!(?peer, "reload requested on the control socket");
+            let v = match reload(&shard) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            };
+            reply(&mut stream, &v).await;
+        }
     }
     let _ = stream.close().await;
 }
@@ -294,10 +360,27 @@ pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
         "errors_sent": errors_sent,
         "events_next_seq": next_seq,
         "events_oldest_seq": oldest_seq,
+        "reload": rt.reload_status(),
         "rss_bytes": crate::stats::rss_bytes(),
         "heap_bytes": crate::stats::heap_bytes(),
         "per_shard": per_shard,
     })
+}
+
+/// Reload TLS material and the fleet key; log the outcome.
+pub fn reload(shard: &Shard) -> Result<(), String> {
+    crate::notify::reloading();
+    let r = shard.rt.reload();
+    match &r {
+        Ok(()) => info!("reloaded certificate, key and fleet key"),
+        Err(e) => warn!("reload failed, keeping the previous certificate and keys: {e}"),
+    }
+    crate::notify::reloaded(if r.is_ok() {
+        "reloaded"
+    } else {
+        "reload failed; previous certificate kept"
+    });
+    r
 }
 
 /// Stream events from `from` (or from now) until the client closes.
@@ -313,10 +396,16 @@ async fn stream_events(shard: &Rc<Shard>, stream: &mut UnixStream, from: Option<
         let batch = log.borrow().read_from(next, 512);
         match batch {
             Err(gap) => {
-                let v = json!({
-                    "error": format!("events from seq {next} are no longer held; the oldest held is {}", gap.oldest),
-                    "oldest": gap.oldest,
-                });
+                let v = match gap {
+                    crate::events::Gap::Gone { oldest } => json!({
+                        "error": format!("events from seq {next} are no longer held; the oldest held is {oldest}"),
+                        "oldest": oldest,
+                    }),
+                    crate::events::Gap::Future { next: upcoming } => json!({
+                        "error": format!("seq {next} has not been issued; the next event gets {upcoming} (did the daemon restart?)"),
+                        "next": upcoming,
+                    }),
+                };
                 reply(stream, &v).await;
                 return;
             }
@@ -368,6 +457,21 @@ mod tests {
         assert!(parse_request("frobnicate")
             .unwrap_err()
             .contains("unknown command"));
+    }
+
+    #[test]
+    fn bound_socket_is_private() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.sock");
+        let _l = bind(&p, None).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&p, None), Err(ControlError::InUse { .. })));
+        let q = d.path().join("g.sock");
+        assert!(matches!(
+            bind(&q, Some("no-such-group-presenced")),
+            Err(ControlError::NoSuchGroup { .. })
+        ));
     }
 
     #[test]

@@ -28,10 +28,13 @@ impl Event {
     }
 }
 
-/// Asked for a seq that has already left the ring.
+/// Why `events from <seq>` cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    pub oldest: u64,
+pub enum Gap {
+    /// The seq has already left the ring.
+    Gone { oldest: u64 },
+    /// The seq has not been issued yet (e.g. numbering restarted).
+    Future { next: u64 },
 }
 
 pub struct EventLog {
@@ -83,11 +86,18 @@ impl EventLog {
         seq
     }
 
-    /// Up to `max` events from `from` on. Err if `from` has left the ring.
+    /// Up to `max` events from `from` on. `from == 0` means the oldest held.
+    /// Err if `from` has left the ring or lies beyond the next seq.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>, Gap> {
         let oldest = self.oldest_seq();
+        let from = if from == 0 { oldest } else { from };
         if from < oldest {
-            return Err(Gap { oldest });
+            return Err(Gap::Gone { oldest });
+        }
+        if from > self.next_seq {
+            return Err(Gap::Future {
+                next: self.next_seq,
+            });
         }
         let skip = (from - oldest) as usize;
         Ok(self.ring.iter().skip(skip).take(max).cloned().collect())
@@ -108,7 +118,7 @@ mod tests {
     fn t(n: u64) -> Transition {
         Transition {
             agent: format!("a{n}").into(),
-            online: n % 2 == 0,
+            online: n.is_multiple_of(2),
             reason: "hello",
             ts_ms: n,
         }
@@ -124,8 +134,10 @@ mod tests {
         assert_eq!(log.oldest_seq(), 3);
         let got = log.read_from(4, 10).unwrap();
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
-        assert_eq!(log.read_from(2, 10), Err(Gap { oldest: 3 }));
+        assert_eq!(log.read_from(2, 10), Err(Gap::Gone { oldest: 3 }));
         assert!(log.read_from(6, 10).unwrap().is_empty());
+        assert_eq!(log.read_from(7, 10), Err(Gap::Future { next: 6 }));
+        assert_eq!(log.read_from(0, 1).unwrap()[0].seq, 3);
     }
 
     #[test]

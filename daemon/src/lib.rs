@@ -9,6 +9,8 @@ pub mod conn;
 pub mod control;
 pub mod devinit;
 pub mod events;
+pub mod metrics;
+pub mod notify;
 pub mod presence;
 pub mod protocol;
 pub mod runtime;

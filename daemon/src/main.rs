@@ -42,6 +42,40 @@ enum Command {
         fleet_key: PathBuf,
         id: String,
     },
+    /// Host tuning for a fleet size.
+    Tuning {
+        #[command(subcommand)]
+        command: TuningCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TuningCommand {
+    /// Compare live sysctls and limits with a profile; estimate this host's capacity.
+    /// Exit 0 when all is well, 1 when something is off, 2 on error.
+    Check {
+        /// Profile: 100k, 1m or 10m.
+        #[arg(long)]
+        profile: String,
+        /// Where /proc is (a fake tree for tests).
+        #[arg(long, default_value = presenced::tuning::DEFAULT_PROC_ROOT)]
+        proc_root: PathBuf,
+        /// Read the limits of this process instead of our own (e.g. the running daemon).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Shards (for the locked-memory check); default: online CPUs.
+        #[arg(long)]
+        cores: Option<usize>,
+        /// Connections the host should hold.
+        #[arg(long)]
+        max_connections: Option<u64>,
+        /// Kernel bytes per idle connection.
+        #[arg(long, default_value_t = presenced::tuning::DEFAULT_PER_CONN_KERNEL_BYTES)]
+        kernel_bytes_per_conn: u64,
+        /// Daemon (user-space) bytes per idle connection.
+        #[arg(long, default_value_t = presenced::tuning::DEFAULT_PER_CONN_USER_BYTES)]
+        user_bytes_per_conn: u64,
+    },
 }
 
 const DEV_DIR: &str = "presenced-dev";
@@ -79,6 +113,44 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Tuning {
+            command:
+                TuningCommand::Check {
+                    profile,
+                    proc_root,
+                    pid,
+                    cores,
+                    max_connections,
+                    kernel_bytes_per_conn,
+                    user_bytes_per_conn,
+                },
+        } => {
+            use presenced::tuning;
+            let profile: tuning::Profile = match profile.parse() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("presenced tuning check: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let mut input = tuning::CheckInput::new(profile);
+            input.proc_root = proc_root;
+            input.pid = pid;
+            input.cores = cores;
+            input.max_connections = max_connections;
+            input.per_conn_kernel_bytes = kernel_bytes_per_conn;
+            input.per_conn_user_bytes = user_bytes_per_conn;
+            match tuning::check(&input) {
+                Ok(report) => {
+                    print!("{report}");
+                    std::process::exit(if report.problems() == 0 { 0 } else { 1 });
+                }
+                Err(e) => {
+                    eprintln!("presenced tuning check: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
         Command::Token { fleet_key, id } => {
             presenced::protocol::validate_id(id.as_bytes())
                 .with_context(|| format!("agent id `{id}`"))?;
@@ -107,11 +179,24 @@ fn serve(path: &Path) -> anyhow::Result<()> {
     // SAFETY: umask has no preconditions; no other thread runs yet.
     unsafe { libc::umask(0o077) };
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone())
+    let reload = Arc::new(AtomicBool::new(false));
+    for (sig, flag) in [
+        (signal_hook::consts::SIGTERM, &shutdown),
+        (signal_hook::consts::SIGINT, &shutdown),
+        (signal_hook::consts::SIGHUP, &reload),
+    ] {
+        signal_hook::flag::register(sig, flag.clone())
             .with_context(|| format!("installing the handler for signal {sig}"))?;
     }
-    let prepared = server::prepare(config, shutdown.clone())?;
+    if let Some(w) = presenced::tuning::host_capacity_warning(
+        Path::new(presenced::tuning::DEFAULT_PROC_ROOT),
+        config.server.max_connections,
+        presenced::tuning::DEFAULT_PER_CONN_USER_BYTES,
+        presenced::tuning::DEFAULT_PER_CONN_KERNEL_BYTES,
+    ) {
+        tracing::warn!("{w}");
+    }
+    let prepared = server::prepare(config, shutdown.clone(), reload)?;
     server::run(prepared)?;
     if shutdown.load(Ordering::Relaxed) {
         tracing::info!("stopped");

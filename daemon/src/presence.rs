@@ -304,10 +304,11 @@ mod tests {
         t.expire(o + Duration::from_secs(1), 1000, &mut ev);
         assert!(ev.is_empty(), "stale grace entry must not fire");
 
-        t.gone("a", 2, GoneReason::Disconnect, 0, 0, o);
-        t.expire(o + Duration::from_millis(50), 50, &mut ev);
+        let later = o + Duration::from_secs(1);
+        t.gone("a", 2, GoneReason::Disconnect, 0, 1000, later);
+        t.expire(later + Duration::from_millis(50), 1050, &mut ev);
         assert!(ev.is_empty());
-        t.expire(o + Duration::from_millis(120), 120, &mut ev);
+        t.expire(later + Duration::from_millis(120), 1120, &mut ev);
         assert_eq!(ev.len(), 1);
         assert_eq!((ev[0].online, ev[0].reason), (false, "disconnect"));
         assert_eq!(t.online(), 0);

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
@@ -15,12 +15,25 @@ use crate::config::Config;
 pub struct Runtime {
     pub config: Config,
     tls: RwLock<Arc<ServerConfig>>,
-    pub fleet_key: FleetKey,
+    fleet_key: RwLock<FleetKey>,
     /// The address actually bound (port 0 resolved).
     pub listen: SocketAddr,
     pub shutdown: Arc<AtomicBool>,
+    /// Raised by SIGHUP; the event shard reloads and lowers it.
+    pub reload_requested: Arc<AtomicBool>,
     pub started: Instant,
     shards_ready: AtomicUsize,
+    reload: Mutex<ReloadStatus>,
+}
+
+/// Outcome of the reloads so far, reported by `stats`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub reloads_total: u64,
+    pub reload_failures_total: u64,
+    pub last_reload_ms: Option<u64>,
+    /// Why the last reload failed (None when it succeeded or none happened).
+    pub last_reload_error: Option<String>,
 }
 
 impl Runtime {
@@ -30,16 +43,64 @@ impl Runtime {
         fleet_key: FleetKey,
         listen: SocketAddr,
         shutdown: Arc<AtomicBool>,
+        reload_requested: Arc<AtomicBool>,
     ) -> Self {
         Self {
             config,
             tls: RwLock::new(tls),
-            fleet_key,
+            fleet_key: RwLock::new(fleet_key),
             listen,
             shutdown,
+            reload_requested,
             started: Instant::now(),
             shards_ready: AtomicUsize::new(0),
+            reload: Mutex::new(ReloadStatus::default()),
         }
+    }
+
+    /// Check an agent's HELLO token against the current fleet key.
+    pub fn verify_token(&self, id: &[u8], token: &[u8; crate::protocol::TOKEN_LEN]) -> bool {
+        match self.fleet_key.read() {
+            Ok(k) => k.verify(id, token),
+            Err(poisoned) => poisoned.into_inner().verify(id, token),
+        }
+    }
+
+    /// Reload the certificate, key and fleet key from the configured paths.
+    /// Everything is loaded and validated first; on any error nothing
+    /// changes and the old material stays in service. Established
+    /// connections are never touched.
+    pub fn reload(&self) -> Result<(), String> {
+        let result: Result<(), String> = (|| {
+            let c = &self.config;
+            let tls =
+                crate::tls::server_config(&c.tls.cert, &c.tls.key).map_err(|e| e.to_string())?;
+            let key = FleetKey::load(&c.auth.fleet_key).map_err(|e| e.to_string())?;
+            self.set_tls(tls);
+            match self.fleet_key.write() {
+                Ok(mut g) => *g = key,
+                Err(poisoned) => *poisoned.into_inner() = key,
+            }
+            Ok(())
+        })();
+        let mut st = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        st.reloads_total += 1;
+        st.last_reload_ms = Some(wall_ms());
+        match &result {
+            Ok(()) => st.last_reload_error = None,
+            Err(e) => {
+                st.reload_failures_total += 1;
+                st.last_reload_error = Some(e.clone());
+            }
+        }
+        result
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The TLS configuration new handshakes use. Read once per handshake.

@@ -81,43 +81,83 @@ pub fn bind_listeners(
     Ok((out, bound))
 }
 
+/// The CPUs this process may run on (its affinity mask, which honours
+/// cpusets and `taskset`), in order.
+fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|c| set.is_set(*c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Everything `serve` needs, loaded and checked before any thread starts.
 pub struct Prepared {
     pub runtime: Arc<Runtime>,
     pub listeners: Vec<OwnedFd>,
+    pub control: std::os::unix::net::UnixListener,
 }
 
 /// Load TLS material and the fleet key, bind listeners and check the control socket path.
-pub fn prepare(config: Config, shutdown: Arc<AtomicBool>) -> Result<Prepared, ServerError> {
+pub fn prepare(
+    config: Config,
+    shutdown: Arc<AtomicBool>,
+    reload_requested: Arc<AtomicBool>,
+) -> Result<Prepared, ServerError> {
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
     let fleet_key = FleetKey::load(&config.auth.fleet_key)?;
-    crate::control::prepare_path(&config.server.control_socket)?;
     let shards = config.shard_count();
     let (listeners, listen) = bind_listeners(config.server.listen, shards, config.server.backlog)?;
-    let runtime = Arc::new(Runtime::new(config, tls, fleet_key, listen, shutdown));
-    Ok(Prepared { runtime, listeners })
+    let control = crate::control::bind(
+        &config.server.control_socket,
+        config.server.control_group.as_deref(),
+    )?;
+    let runtime = Arc::new(Runtime::new(
+        config,
+        tls,
+        fleet_key,
+        listen,
+        shutdown,
+        reload_requested,
+    ));
+    Ok(Prepared {
+        runtime,
+        listeners,
+        control,
+    })
 }
 
 /// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
 pub fn run(prepared: Prepared) -> Result<(), ServerError> {
-    let Prepared { runtime, listeners } = prepared;
+    let Prepared {
+        runtime,
+        listeners,
+        control,
+    } = prepared;
+    let mut control = Some(control);
     let shards = listeners.len();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = allowed_cpus();
     info!(listen = %runtime.listen, shards, "presenced listening");
     let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
     let mut handles = Vec::with_capacity(shards);
     for (id, fd) in listeners.into_iter().enumerate() {
-        let placement = if runtime.config.server.pin_cpus {
-            Placement::Fixed(id % cpus)
+        let placement = if runtime.config.server.pin_cpus && !cpus.is_empty() {
+            Placement::Fixed(cpus[id % cpus.len()])
         } else {
             Placement::Unbound
         };
         let rt = runtime.clone();
         let mesh = mesh.clone();
+        let control = if id == shard::EVENT_SHARD {
+            control.take()
+        } else {
+            None
+        };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(runtime.config.server.io_memory_kib * 1024)
-            .spawn(move || shard::run(id, rt, mesh, fd))
+            .spawn(move || shard::run(id, rt, mesh, fd, control))
             .map_err(|e| ServerError::Executor {
                 shard: id,
                 reason: e.to_string(),

@@ -153,8 +153,15 @@ impl Shard {
         }
     }
 
+    /// Give the entry a wheel entry at `at`. Every live connection has
+    /// exactly one live wheel entry, told apart from stale ones by its tick;
+    /// an entry already waiting at that tick serves as it is.
     fn schedule(&self, key: usize, e: &mut ConnEntry, at: Instant) {
-        e.wheel_tick = self.wheel.borrow_mut().insert(at, (key as u32, e.gen));
+        let mut wheel = self.wheel.borrow_mut();
+        if e.wheel_tick != 0 && wheel.tick_for(at) == e.wheel_tick {
+            return;
+        }
+        e.wheel_tick = wheel.insert(at, (key as u32, e.gen));
     }
 
     /// Register an accepted connection; returns its key, generation and command receiver.
@@ -416,6 +423,7 @@ impl Shard {
             if e.gen != gen || e.wheel_tick != tick {
                 continue; // stale entry
             }
+            e.wheel_tick = 0; // fired: no live wheel entry until rescheduled
             let due = self.deadline(e);
             if due <= now {
                 let cmd = match e.phase {
@@ -468,7 +476,13 @@ fn wheel_tick(rt: &Runtime) -> Duration {
 
 /// Run shard `id` until shutdown. `listener` is this shard's pre-bound,
 /// listening SO_REUSEPORT socket.
-pub async fn run(id: usize, rt: Arc<Runtime>, mesh: FullMesh<ShardMsg>, listener: OwnedFd) {
+pub async fn run(
+    id: usize,
+    rt: Arc<Runtime>,
+    mesh: FullMesh<ShardMsg>,
+    listener: OwnedFd,
+    control: Option<std::os::unix::net::UnixListener>,
+) {
     let nshards = mesh.nr_peers();
     let (senders, mut receivers): (Senders<ShardMsg>, Receivers<ShardMsg>) = match mesh.join().await
     {
@@ -549,14 +563,15 @@ pub async fn run(id: usize, rt: Arc<Runtime>, mesh: FullMesh<ShardMsg>, listener
     let (stop_tx, stop_rx) = local_channel::new_bounded::<()>(1);
     let accept_task = glommio::spawn_local(accept_loop(shard.clone(), listener, stop_rx)).detach();
 
-    if id == EVENT_SHARD {
-        let shard = shard.clone();
+    if let Some(control) = control {
+        let s = shard.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = crate::control::serve(shard).await {
+            if let Err(e) = crate::control::serve(s, control).await {
                 warn!("control socket stopped: {e}");
             }
         })
         .detach();
+        glommio::spawn_local(supervise(shard.clone())).detach();
     }
 
     info!(shard = id, tick_ms = tick.as_millis() as u64, "shard ready");
@@ -584,6 +599,39 @@ pub async fn run(id: usize, rt: Arc<Runtime>, mesh: FullMesh<ShardMsg>, listener
     // Let queued mesh messages go out before the executor stops.
     sleep(Duration::from_millis(20)).await;
     info!(shard = id, "shard stopped");
+}
+
+/// On the event shard: READY=1 once every shard listens, then STATUS= and
+/// WATCHDOG=1 pings while every shard answers, and SIGHUP reloads.
+async fn supervise(shard: Rc<Shard>) {
+    let rt = shard.rt.clone();
+    while rt.shards_ready() < shard.nshards {
+        sleep(Duration::from_millis(5)).await;
+    }
+    crate::notify::ready(&format!("listening on {}", rt.listen));
+    let watchdog = crate::notify::watchdog_interval().map(|d| d / 2);
+    let status_every = watchdog
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    let mut next_status = Instant::now();
+    while !shard.is_shutting_down() {
+        if rt.reload_requested.swap(false, Ordering::SeqCst) {
+            info!("SIGHUP: reloading");
+            let _ = crate::control::reload(&shard);
+        }
+        if Instant::now() >= next_status {
+            // Every shard must answer: a stuck shard stops the watchdog pings.
+            let v = crate::control::gather_stats(&shard).await;
+            crate::notify::status(&format!(
+                "{} agents online, {} connections, {} shards",
+                v["agents_online"], v["connections"], v["shards"]
+            ));
+            crate::notify::watchdog();
+            next_status = Instant::now() + status_every;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    crate::notify::stopping();
 }
 
 async fn forward(peer: usize, rx: LocalReceiver<ShardMsg>, senders: Rc<Senders<ShardMsg>>) {

@@ -21,8 +21,55 @@ impl Counter {
     }
 }
 
+/// A shard-local latency histogram in microseconds (1 us .. 60 s, 3 digits).
+pub struct Latency(std::cell::RefCell<hdrhistogram::Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        let h = hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
+            .expect("static histogram bounds are valid");
+        Self(std::cell::RefCell::new(h))
+    }
+}
+
+impl Latency {
+    pub fn record(&self, d: std::time::Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.0.borrow_mut().record(us);
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        let h = self.0.borrow();
+        LatencySummary {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            sum_us: (h.mean() * h.len() as f64) as u64,
+        }
+    }
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub sum_us: u64,
+}
+
 #[derive(Default)]
 pub struct Counters {
+    /// Accept to TLS handshake complete.
+    pub handshake_latency: Latency,
+    /// HEARTBEAT decoded to HEARTBEAT_ACK written (server-side service time).
+    pub heartbeat_latency: Latency,
     pub accepted: Counter,
     pub accept_errors: Counter,
     pub handshakes: Counter,
@@ -66,6 +113,8 @@ impl Counters {
             heartbeats_total: self.heartbeats.get(),
             timeouts_total: self.timeouts.get(),
             byes_total: self.byes.get(),
+            handshake_latency: self.handshake_latency.summary(),
+            heartbeat_latency: self.heartbeat_latency.summary(),
             errors_sent: ErrorCode::ALL
                 .iter()
                 .map(|c| (c.name(), self.errors_sent[*c as usize].get()))
@@ -97,6 +146,8 @@ pub struct ShardSnapshot {
     pub byes_total: u64,
     /// ERROR frames sent, by code name.
     pub errors_sent: BTreeMap<&'static str, u64>,
+    pub handshake_latency: LatencySummary,
+    pub heartbeat_latency: LatencySummary,
 }
 
 /// Resident set size of this process, from /proc/self/statm.

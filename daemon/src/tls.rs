@@ -17,6 +17,12 @@ pub enum TlsError {
     Cert { path: PathBuf, reason: String },
     #[error("private key file {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error("certificate file {path}: not valid now (valid from {not_before} to {not_after})")]
+    NotValidNow {
+        path: PathBuf,
+        not_before: String,
+        not_after: String,
+    },
     #[error("certificate {cert} and key {key} cannot be used together: {source}")]
     Config {
         cert: PathBuf,
@@ -54,9 +60,30 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// A server configuration from the certificate chain and key files.
+/// The leaf certificate must be within its validity period now.
+pub fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| TlsError::Cert {
+            path: path.to_owned(),
+            reason: format!("cannot parse the leaf certificate: {e}"),
+        })?;
+    let validity = parsed.validity();
+    if validity.is_valid() {
+        Ok(())
+    } else {
+        Err(TlsError::NotValidNow {
+            path: path.to_owned(),
+            not_before: validity.not_before.to_string(),
+            not_after: validity.not_after.to_string(),
+        })
+    }
+}
+
+/// A server configuration from the certificate chain and key files:
+/// parsed, key matching the leaf certificate, leaf valid now.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(cert)?;
+    check_validity(cert, &certs[0])?;
     let private_key = load_key(key)?;
     let config_err = |source| TlsError::Config {
         cert: cert.to_owned(),

@@ -49,6 +49,11 @@ impl<T> DeadlineWheel<T> {
         d.as_nanos().div_ceil(self.tick.as_nanos()) as u64
     }
 
+    /// The tick `deadline` would be scheduled at.
+    pub fn tick_for(&self, deadline: Instant) -> u64 {
+        self.tick_of(deadline).max(self.cursor)
+    }
+
     /// Schedule `item` at `deadline` (rounded up to the next tick). Returns
     /// the tick it is scheduled at, which [`Self::expire_with_tick`] reports.
     pub fn insert(&mut self, deadline: Instant, item: T) -> u64 {
