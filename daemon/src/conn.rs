@@ -15,7 +15,7 @@ use glommio::timer::sleep;
 use tracing::debug;
 
 use crate::presence::GoneReason;
-use crate::protocol::{ErrorCode, Frame, FrameDecoder, VERSION};
+use crate::protocol::{ErrorCode, Frame, FrameDecoder, ProtocolError, VERSION};
 use crate::shard::Shard;
 
 /// Something the shard asks a connection to do.
@@ -39,7 +39,7 @@ const READ_CHUNK: usize = 1024;
 enum Wake {
     Frame(Frame),
     Cmd(ConnCmd),
-    Malformed(String),
+    Malformed(ProtocolError),
     Closed,
 }
 
@@ -56,7 +56,7 @@ impl Conn {
             match self.decoder.next_frame() {
                 Ok(Some(f)) => return Wake::Frame(f),
                 Ok(None) => {}
-                Err(e) => return Wake::Malformed(e.to_string()),
+                Err(e) => return Wake::Malformed(e),
             }
             let mut buf = [0u8; READ_CHUNK];
             let n = {
@@ -209,8 +209,14 @@ async fn drive(
             conn.fail(shard, ErrorCode::MalformedFrame, &msg).await;
             return GoneReason::Disconnect;
         }
-        Wake::Malformed(msg) => {
-            conn.fail(shard, ErrorCode::MalformedFrame, &msg).await;
+        Wake::Malformed(e @ ProtocolError::UnsupportedVersion(_)) => {
+            conn.fail(shard, ErrorCode::UnsupportedVersion, &e.to_string())
+                .await;
+            return GoneReason::Disconnect;
+        }
+        Wake::Malformed(e) => {
+            conn.fail(shard, ErrorCode::MalformedFrame, &e.to_string())
+                .await;
             return GoneReason::Disconnect;
         }
         Wake::Cmd(ConnCmd::Shutdown) => {
@@ -271,8 +277,9 @@ async fn drive(
                 conn.fail(shard, ErrorCode::MalformedFrame, &msg).await;
                 return GoneReason::Disconnect;
             }
-            Wake::Malformed(msg) => {
-                conn.fail(shard, ErrorCode::MalformedFrame, &msg).await;
+            Wake::Malformed(e) => {
+                conn.fail(shard, ErrorCode::MalformedFrame, &e.to_string())
+                    .await;
                 return GoneReason::Disconnect;
             }
             Wake::Cmd(c) => return end_on_command(shard, &mut conn, Some(c)).await,

@@ -118,6 +118,8 @@ pub enum ProtocolError {
         got: usize,
         expected: &'static str,
     },
+    #[error("protocol version {0} is not supported; this server speaks {VERSION}")]
+    UnsupportedVersion(u8),
     #[error("agent id is {0} bytes; it must be 1..=128")]
     BadIdLength(usize),
     #[error("agent id contains byte 0x{0:02x}; allowed are [A-Za-z0-9._:@-]")]
@@ -178,6 +180,10 @@ pub fn parse_payload(ty: u8, p: &[u8]) -> Result<Frame, ProtocolError> {
                 });
             }
             let version = p[0];
+            // Checked before the layout: a future version may lay HELLO out differently.
+            if version != VERSION {
+                return Err(ProtocolError::UnsupportedVersion(version));
+            }
             let id_len = p[1] as usize;
             expect_len("HELLO", p, 2 + id_len + TOKEN_LEN, "2 + id_len + 32")?;
             let id = &p[2..2 + id_len];
@@ -394,6 +400,14 @@ mod tests {
             },
             Frame::error(ErrorCode::Superseded, "superseded"),
         ]
+    }
+
+    #[test]
+    fn future_version_is_reported_before_layout() {
+        assert_eq!(
+            parse_payload(frame_type::HELLO, &[2, 9, 9, 9]),
+            Err(ProtocolError::UnsupportedVersion(2))
+        );
     }
 
     #[test]
