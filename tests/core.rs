@@ -50,16 +50,25 @@ async fn online_heartbeat_ack_bye_and_port_zero() {
     let stats = d.stats();
     assert_eq!(stats["listen"], d.addr.to_string());
     assert_eq!(stats["shards"], 2);
-    assert!(d.log_text().contains(&d.addr.to_string()), "bound address is logged");
+    assert!(
+        d.log_text().contains(&d.addr.to_string()),
+        "bound address is logged"
+    );
 
     let mut events = d.events(None);
     let (mut c, w) = d.agent("host-1.example").await;
     assert_eq!(c.alpn(), Some(&b"presence/1"[..]));
     assert_eq!(w.heartbeat_interval_ms, 30_000);
-    assert_eq!(ev(&events.next(5 * SECOND).expect("online event")), triple("host-1.example", "online", "hello"));
+    assert_eq!(
+        ev(&events.next(5 * SECOND).expect("online event")),
+        triple("host-1.example", "online", "hello")
+    );
 
     for seq in [1u32, 2, u32::MAX] {
-        let rtt = c.heartbeat(seq).await.expect("heartbeat acked with the same seq");
+        let rtt = c
+            .heartbeat(seq)
+            .await
+            .expect("heartbeat acked with the same seq");
         assert!(rtt < 5 * SECOND);
     }
     // Several heartbeats batched in one TLS record get one ACK each, in order.
@@ -69,14 +78,20 @@ async fn online_heartbeat_ack_bye_and_port_zero() {
     }
     c.send_raw(&batch).await.unwrap();
     for seq in 10..15u32 {
-        assert_eq!(c.recv_frame().await.unwrap(), Some(Frame::HeartbeatAck { seq }));
+        assert_eq!(
+            c.recv_frame().await.unwrap(),
+            Some(Frame::HeartbeatAck { seq })
+        );
     }
     // A frame split across writes is reassembled.
     let hb = Frame::Heartbeat { seq: 99 }.to_bytes();
     c.send_raw(&hb[..2]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.send_raw(&hb[2..]).await.unwrap();
-    assert_eq!(c.recv_frame().await.unwrap(), Some(Frame::HeartbeatAck { seq: 99 }));
+    assert_eq!(
+        c.recv_frame().await.unwrap(),
+        Some(Frame::HeartbeatAck { seq: 99 })
+    );
 
     let rec = d.control_json("agent host-1.example");
     assert_eq!(rec["state"], "online");
@@ -90,8 +105,13 @@ async fn online_heartbeat_ack_bye_and_port_zero() {
     assert_eq!(s["handshakes_total"], 1);
 
     c.bye().await.unwrap();
-    assert_eq!(ev(&events.next(5 * SECOND).expect("offline event")), triple("host-1.example", "offline", "bye"));
-    d.wait_stats(5 * SECOND, |s| s["agents_online"] == 0 && s["connections"] == 0);
+    assert_eq!(
+        ev(&events.next(5 * SECOND).expect("offline event")),
+        triple("host-1.example", "offline", "bye")
+    );
+    d.wait_stats(5 * SECOND, |s| {
+        s["agents_online"] == 0 && s["connections"] == 0
+    });
     assert_eq!(d.control_json("agent host-1.example")["state"], "offline");
 }
 
@@ -108,13 +128,24 @@ async fn silent_agent_times_out() {
     // A heartbeating agent on the same daemon is not touched.
     let (mut busy, _) = d.agent("busy").await;
     let start = Instant::now();
-    let mut got = vec![ev(&events.next(5 * SECOND).unwrap()), ev(&events.next(5 * SECOND).unwrap())];
+    let mut got = vec![
+        ev(&events.next(5 * SECOND).unwrap()),
+        ev(&events.next(5 * SECOND).unwrap()),
+    ];
     got.sort();
-    assert_eq!(got, [triple("busy", "online", "hello"), triple("quiet", "online", "hello")]);
+    assert_eq!(
+        got,
+        [
+            triple("busy", "online", "hello"),
+            triple("quiet", "online", "hello")
+        ]
+    );
     let mut seq = 0;
     let offline = loop {
         seq += 1;
-        busy.heartbeat(seq).await.expect("busy agent keeps its connection");
+        busy.heartbeat(seq)
+            .await
+            .expect("busy agent keeps its connection");
         if let Some(e) = events.next(Duration::from_millis(100)) {
             break e;
         }
@@ -122,9 +153,14 @@ async fn silent_agent_times_out() {
     };
     assert_eq!(ev(&offline), triple("quiet", "offline", "timeout"));
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(380), "timed out too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(380),
+        "timed out too early: {waited:?}"
+    );
     // The server closed the silent connection.
-    let end = tokio::time::timeout(5 * SECOND, c.recv_frame()).await.expect("closed");
+    let end = tokio::time::timeout(5 * SECOND, c.recv_frame())
+        .await
+        .expect("closed");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
     assert!(busy.heartbeat(seq + 1).await.is_ok());
     assert_eq!(d.stats()["timeouts_total"], 1);
@@ -138,7 +174,10 @@ async fn quick_reconnect_within_grace_is_silent_and_late_one_is_offline() {
     });
     let mut events = d.events(None);
     let (c, _) = d.agent("flappy").await;
-    assert_eq!(ev(&events.next(5 * SECOND).unwrap()), triple("flappy", "online", "hello"));
+    assert_eq!(
+        ev(&events.next(5 * SECOND).unwrap()),
+        triple("flappy", "online", "hello")
+    );
 
     drop(c); // connection lost, no BYE
     d.wait_stats(5 * SECOND, |s| s["agents_in_grace"] == 1);
@@ -147,7 +186,10 @@ async fn quick_reconnect_within_grace_is_silent_and_late_one_is_offline() {
     let (mut c2, _) = d.agent("flappy").await;
     c2.heartbeat(1).await.unwrap();
     // Wait past the first grace period: no event at all.
-    assert_eq!(events.collect(Duration::from_millis(2500)), Vec::<Value>::new());
+    assert_eq!(
+        events.collect(Duration::from_millis(2500)),
+        Vec::<Value>::new()
+    );
     assert_eq!(d.control_json("agent flappy")["state"], "online");
 
     drop(c2);
@@ -161,12 +203,18 @@ async fn second_session_supersedes_the_first_without_events() {
     let d = Daemon::start();
     let mut events = d.events(None);
     let (mut old, w1) = d.agent("dup").await;
-    assert_eq!(ev(&events.next(5 * SECOND).unwrap()), triple("dup", "online", "hello"));
+    assert_eq!(
+        ev(&events.next(5 * SECOND).unwrap()),
+        triple("dup", "online", "hello")
+    );
     let (mut new, w2) = d.agent("dup").await;
     assert_ne!(w1.session_id, w2.session_id);
     expect_error(&mut old, ErrorCode::Superseded).await;
     new.heartbeat(1).await.expect("new session works");
-    assert_eq!(events.collect(Duration::from_millis(500)), Vec::<Value>::new());
+    assert_eq!(
+        events.collect(Duration::from_millis(500)),
+        Vec::<Value>::new()
+    );
     let rec = d.control_json("agent dup");
     assert_eq!(rec["session"], w2.session_id);
     assert_eq!(rec["state"], "online");
@@ -188,16 +236,26 @@ async fn bad_inputs_get_the_right_error_and_leave_others_alone() {
 
     // Bad token.
     let mut c = d.connect().await;
-    c.send_frame(&Frame::Hello { version: 1, id: b"intruder".to_vec(), token: [0; 32] })
-        .await
-        .unwrap();
+    c.send_frame(&Frame::Hello {
+        version: 1,
+        id: b"intruder".to_vec(),
+        token: [0; 32],
+    })
+    .await
+    .unwrap();
     expect_error(&mut c, ErrorCode::AuthenticationFailed).await;
     check_bystander(&mut bystander).await;
 
     // Unsupported version.
     let mut c = d.connect().await;
     let token = d.fleet_key.token(b"future");
-    c.send_frame(&Frame::Hello { version: 2, id: b"future".to_vec(), token }).await.unwrap();
+    c.send_frame(&Frame::Hello {
+        version: 2,
+        id: b"future".to_vec(),
+        token,
+    })
+    .await
+    .unwrap();
     expect_error(&mut c, ErrorCode::UnsupportedVersion).await;
 
     // A frame before HELLO.
@@ -218,7 +276,13 @@ async fn bad_inputs_get_the_right_error_and_leave_others_alone() {
     // HELLO twice.
     let (mut c, _) = d.agent("a-twice").await;
     let token = d.fleet_key.token(b"a-twice");
-    c.send_frame(&Frame::Hello { version: 1, id: b"a-twice".to_vec(), token }).await.unwrap();
+    c.send_frame(&Frame::Hello {
+        version: 1,
+        id: b"a-twice".to_vec(),
+        token,
+    })
+    .await
+    .unwrap();
     expect_error(&mut c, ErrorCode::MalformedFrame).await;
 
     // A malformed HELLO (bad id characters).
@@ -237,10 +301,17 @@ async fn bad_inputs_get_the_right_error_and_leave_others_alone() {
     raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut sink = Vec::new();
     let _ = raw.read_to_end(&mut sink); // closed by the server (maybe after an alert)
-    d.wait_stats(5 * SECOND, |s| s["handshake_failures_total"].as_u64().unwrap() > before);
+    d.wait_stats(5 * SECOND, |s| {
+        s["handshake_failures_total"].as_u64().unwrap() > before
+    });
 
     // Wrong ALPN is refused; no ALPN is accepted.
-    let wrong = Connection::connect(d.addr, "localhost", d.client_tls_alpn(Alpn::Custom(vec![b"h2".to_vec()]))).await;
+    let wrong = Connection::connect(
+        d.addr,
+        "localhost",
+        d.client_tls_alpn(Alpn::Custom(vec![b"h2".to_vec()])),
+    )
+    .await;
     let wrong_ok = match wrong {
         Err(ConnError::Handshake { .. }) => false,
         Err(e) => panic!("unexpected error {e}"),
@@ -248,10 +319,14 @@ async fn bad_inputs_get_the_right_error_and_leave_others_alone() {
         Ok(mut c) => c.recv_frame().await.is_ok_and(|f| f.is_some()),
     };
     assert!(!wrong_ok, "wrong ALPN must be refused");
-    let mut none = Connection::connect(d.addr, "localhost", d.client_tls_alpn(Alpn::None)).await.unwrap();
+    let mut none = Connection::connect(d.addr, "localhost", d.client_tls_alpn(Alpn::None))
+        .await
+        .unwrap();
     assert_eq!(none.alpn(), None);
     let token = d.fleet_key.token(b"no-alpn");
-    none.hello(b"no-alpn", &token).await.expect("no ALPN is accepted");
+    none.hello(b"no-alpn", &token)
+        .await
+        .expect("no ALPN is accepted");
     check_bystander(&mut bystander).await;
 
     let s = d.stats();
@@ -262,10 +337,27 @@ async fn bad_inputs_get_the_right_error_and_leave_others_alone() {
 
     // Only real sessions produced events; the aborted ones went offline
     // through grace (not yet), so events are exactly the onlines.
-    let got: Vec<_> = events.collect(Duration::from_millis(300)).iter().map(ev).collect();
-    let mut agents: Vec<_> = got.iter().filter(|e| e.1 == "online").map(|e| e.0.clone()).collect();
+    let got: Vec<_> = events
+        .collect(Duration::from_millis(300))
+        .iter()
+        .map(ev)
+        .collect();
+    let mut agents: Vec<_> = got
+        .iter()
+        .filter(|e| e.1 == "online")
+        .map(|e| e.0.clone())
+        .collect();
     agents.sort();
-    assert_eq!(agents, ["a-oversized", "a-twice", "a-unknown", "bystander", "no-alpn"]);
+    assert_eq!(
+        agents,
+        [
+            "a-oversized",
+            "a-twice",
+            "a-unknown",
+            "bystander",
+            "no-alpn"
+        ]
+    );
     assert!(got.iter().all(|e| e.1 == "online"), "{got:?}");
 }
 
@@ -290,14 +382,21 @@ async fn slowloris_handshake_and_missing_hello_are_cut_off() {
     let n = slow.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "server closed the slow handshake");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(550) && took < 3 * SECOND, "{took:?}");
+    assert!(
+        took >= Duration::from_millis(550) && took < 3 * SECOND,
+        "{took:?}"
+    );
     assert!(d.stats()["handshake_timeouts_total"].as_u64().unwrap() >= 1);
 
     // TLS up, but no HELLO: ERROR 4.
     let mut c = d.connect().await;
     let start = Instant::now();
     expect_error(&mut c, ErrorCode::HelloTimeout).await;
-    assert!(start.elapsed() >= Duration::from_millis(500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
     bystander.heartbeat(1).await.expect("bystander unaffected");
     assert_eq!(d.stats()["errors_sent"]["hello_timeout"], 1);
 }
@@ -316,22 +415,39 @@ async fn events_resume_from_a_seq_and_report_gaps() {
     d.wait_stats(5 * SECOND, |s| s["events_next_seq"] == 7);
     // seq 1..=6 were published; the ring holds 3..=6.
     let mut from3 = d.events(Some(3));
-    let got: Vec<u64> = from3.collect(Duration::from_millis(500)).iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let got: Vec<u64> = from3
+        .collect(Duration::from_millis(500))
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(got, [3, 4, 5, 6]);
     let mut from5 = d.events(Some(5));
     let e5 = from5.next(5 * SECOND).unwrap();
-    assert_eq!((e5["seq"].as_u64(), e5["agent"].as_str(), e5["state"].as_str()), (Some(5), Some("r2"), Some("online")));
+    assert_eq!(
+        (
+            e5["seq"].as_u64(),
+            e5["agent"].as_str(),
+            e5["state"].as_str()
+        ),
+        (Some(5), Some("r2"), Some("online"))
+    );
     assert!(e5["ts_ms"].as_u64().unwrap() > 1_600_000_000_000);
 
     // Live: the resumed stream continues with new events.
     let (_c, _) = d.agent("live").await;
     let e = from3.next(5 * SECOND).unwrap();
-    assert_eq!((e["seq"].as_u64(), e["agent"].as_str()), (Some(7), Some("live")));
+    assert_eq!(
+        (e["seq"].as_u64(), e["agent"].as_str()),
+        (Some(7), Some("live"))
+    );
 
     // A seq that has left the ring is an error naming the oldest held.
     let mut gone = d.events(Some(1));
     let err = gone.next(5 * SECOND).unwrap();
-    assert!(err["error"].as_str().unwrap().contains("no longer held"), "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("no longer held"),
+        "{err}"
+    );
     assert_eq!(err["oldest"], 4);
 }
 
@@ -341,9 +457,15 @@ async fn control_socket_is_private_and_rejects_unknown_commands() {
     let mode = std::fs::metadata(&d.control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let v = d.control_json("frobnicate");
-    assert!(v["error"].as_str().unwrap().contains("unknown command"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("unknown command"),
+        "{v}"
+    );
     let v = d.control_json("agent nobody");
-    assert!(v["error"].as_str().unwrap().contains("unknown agent"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("unknown agent"),
+        "{v}"
+    );
     assert_eq!(d.control_json("ping")["ok"], true);
     // An oversized request gets an error, and the daemon keeps serving.
     let huge = "x".repeat(10_000);
