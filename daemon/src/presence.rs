@@ -61,18 +61,39 @@ pub struct Transition {
     pub ts_ms: u64,
 }
 
+/// Why an agent went offline, kept as one byte per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OfflineReason {
+    Bye,
+    Timeout,
+    Disconnect,
+}
+
+impl OfflineReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OfflineReason::Bye => "bye",
+            OfflineReason::Timeout => "timeout",
+            OfflineReason::Disconnect => "disconnect",
+        }
+    }
+}
+
+/// One agent's presence record (56 bytes; one per agent the shard owns).
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub state: State,
     /// Wall-clock ms when the current state began.
     pub since_ms: u64,
     /// Wall-clock ms of the last sign of life the owner knows of.
     pub last_seen_ms: u64,
     pub session: u64,
+    /// When grace ends, in ms on the table's clock (meaningful in Grace).
+    grace_until_ms: u64,
     pub conn: Option<ConnRef>,
+    pub state: State,
     /// Reason of the last offline transition.
-    pub offline_reason: Option<&'static str>,
-    grace_until: Option<Instant>,
+    pub offline_reason: Option<OfflineReason>,
 }
 
 /// What a HELLO did.
@@ -84,6 +105,7 @@ pub struct HelloOutcome {
 }
 
 pub struct PresenceTable {
+    origin: Instant,
     records: HashMap<Box<str>, Record>,
     grace: DeadlineWheel<(Box<str>, u64)>,
     offline_grace: Duration,
@@ -94,6 +116,7 @@ pub struct PresenceTable {
 impl PresenceTable {
     pub fn new(origin: Instant, tick: Duration, offline_grace: Duration) -> Self {
         Self {
+            origin,
             records: HashMap::new(),
             grace: DeadlineWheel::new(origin, tick, 1024),
             offline_grace,
@@ -154,7 +177,6 @@ impl PresenceTable {
                 rec.session = session;
                 rec.conn = Some(conn);
                 rec.last_seen_ms = now_ms;
-                rec.grace_until = None;
             }
             None => {
                 self.online += 1;
@@ -167,7 +189,7 @@ impl PresenceTable {
                         session,
                         conn: Some(conn),
                         offline_reason: None,
-                        grace_until: None,
+                        grace_until_ms: 0,
                     },
                 );
                 out.transition = Some(Transition {
@@ -196,7 +218,7 @@ impl PresenceTable {
             return None;
         }
         rec.last_seen_ms = rec.last_seen_ms.max(last_seen_ms);
-        let offline = |rec: &mut Record, reason: &'static str| {
+        let offline = |rec: &mut Record, reason: OfflineReason| {
             rec.state = State::Offline;
             rec.conn = None;
             rec.since_ms = now_ms;
@@ -204,18 +226,18 @@ impl PresenceTable {
             Some(Transition {
                 agent: id.into(),
                 online: false,
-                reason,
+                reason: reason.as_str(),
                 ts_ms: now_ms,
             })
         };
         match reason {
             GoneReason::Bye => {
                 self.online -= 1;
-                offline(rec, "bye")
+                offline(rec, OfflineReason::Bye)
             }
             GoneReason::Timeout => {
                 self.online -= 1;
-                offline(rec, "timeout")
+                offline(rec, OfflineReason::Timeout)
             }
             GoneReason::Disconnect => {
                 self.online -= 1;
@@ -223,7 +245,8 @@ impl PresenceTable {
                 rec.state = State::Grace;
                 rec.conn = None;
                 let until = now + self.offline_grace;
-                rec.grace_until = Some(until);
+                rec.grace_until_ms =
+                    until.saturating_duration_since(self.origin).as_millis() as u64;
                 self.grace.insert(until, (id.into(), session));
                 None
             }
@@ -235,15 +258,15 @@ impl PresenceTable {
     pub fn expire(&mut self, now: Instant, now_ms: u64, out: &mut Vec<Transition>) {
         let records = &mut self.records;
         let in_grace = &mut self.in_grace;
+        let now_rel = now.saturating_duration_since(self.origin).as_millis() as u64;
         self.grace.expire(now, |(id, session)| {
             if let Some(rec) = records.get_mut(&id) {
-                let due = rec.grace_until.is_some_and(|u| u <= now);
+                let due = rec.grace_until_ms <= now_rel;
                 if rec.state == State::Grace && rec.session == session && due {
                     *in_grace -= 1;
                     rec.state = State::Offline;
                     rec.since_ms = now_ms;
-                    rec.grace_until = None;
-                    rec.offline_reason = Some("disconnect");
+                    rec.offline_reason = Some(OfflineReason::Disconnect);
                     out.push(Transition {
                         agent: id,
                         online: false,

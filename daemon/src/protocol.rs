@@ -310,6 +310,19 @@ impl Frame {
         v
     }
 
+    /// The frame type's name, as the protocol document spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "HELLO",
+            Frame::Welcome { .. } => "WELCOME",
+            Frame::Heartbeat { .. } => "HEARTBEAT",
+            Frame::HeartbeatAck { .. } => "HEARTBEAT_ACK",
+            Frame::Bye => "BYE",
+            Frame::Reconnect { .. } => "RECONNECT",
+            Frame::Error { .. } => "ERROR",
+        }
+    }
+
     /// An ERROR frame with the given code and message.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Frame {
         Frame::Error {
@@ -317,6 +330,27 @@ impl Frame {
             message: message.into(),
         }
     }
+}
+
+/// Decode one frame from the front of `buf`: `Ok(None)` when `buf` holds
+/// only part of a frame, else the frame and the bytes it took.
+pub fn decode_one(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let ty = buf[0];
+    if !(frame_type::HELLO..=frame_type::ERROR).contains(&ty) {
+        return Err(ProtocolError::UnknownType(ty));
+    }
+    let len = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::Oversized(len));
+    }
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    let frame = parse_payload(ty, &buf[HEADER_LEN..HEADER_LEN + len])?;
+    Ok(Some((frame, HEADER_LEN + len)))
 }
 
 /// Incremental frame decoder. Feed it bytes as they arrive; it yields whole
@@ -352,27 +386,15 @@ impl FrameDecoder {
 
     /// Decode the next whole frame, if any. On error the stream is unusable.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        if self.buf.len() < HEADER_LEN {
+        let Some((frame, used)) = decode_one(&self.buf)? else {
             return Ok(None);
-        }
-        let ty = self.buf[0];
-        if !(frame_type::HELLO..=frame_type::ERROR).contains(&ty) {
-            return Err(ProtocolError::UnknownType(ty));
-        }
-        let len = u16::from_be_bytes([self.buf[1], self.buf[2]]) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(ProtocolError::Oversized(len));
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        let frame = parse_payload(ty, &self.buf[HEADER_LEN..HEADER_LEN + len]);
-        self.buf.drain(..HEADER_LEN + len);
+        };
+        self.buf.drain(..used);
         if self.buf.is_empty() {
             // An idle connection keeps no buffer capacity.
             self.buf = Vec::new();
         }
-        frame.map(Some)
+        Ok(Some(frame))
     }
 }
 

@@ -139,6 +139,10 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
     let shards = listeners.len();
     let cpus = allowed_cpus();
     info!(listen = %runtime.listen, shards, "presenced listening");
+    if let Some(addr) = runtime.config.metrics.listen {
+        crate::metrics_http::spawn(addr, runtime.config.server.control_socket.clone())
+            .map_err(|source| ServerError::Bind { addr, source })?;
+    }
     let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
     let mut handles = Vec::with_capacity(shards);
     for (id, fd) in listeners.into_iter().enumerate() {

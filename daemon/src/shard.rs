@@ -20,7 +20,9 @@ use slab::Slab;
 use tracing::{debug, info, warn};
 
 use crate::conn::{self, ConnCmd};
+use crate::conns::{ConnEntry, Scratch};
 use crate::events::EventLog;
+use crate::poller::Poller;
 use crate::presence::{owner_shard, ConnRef, GoneReason, PresenceTable, Transition};
 use crate::runtime::Runtime;
 use crate::stats::{Counters, ShardSnapshot};
@@ -81,27 +83,6 @@ pub enum ShardMsg {
     },
 }
 
-/// Connection lifecycle phase, which decides the entry's deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Handshake,
-    AwaitHello,
-    Session,
-}
-
-/// A connection's slot in the shard's slab.
-pub struct ConnEntry {
-    pub gen: u32,
-    pub phase: Phase,
-    pub accepted: Instant,
-    pub last_seen: Instant,
-    /// Tick at which this entry's live wheel entry is scheduled.
-    wheel_tick: u64,
-    /// Set after HELLO: agent id and session id.
-    pub session: Option<(Box<str>, u64)>,
-    cmd: Option<oneshot::Sender<ConnCmd>>,
-}
-
 /// Routes messages to shards: to itself through a local queue, to peers
 /// through per-peer outboxes drained into the mesh. Never blocks the caller.
 struct Router {
@@ -129,154 +110,23 @@ pub struct Shard {
     pub id: usize,
     pub nshards: usize,
     pub rt: Arc<Runtime>,
-    pub conns: RefCell<Slab<ConnEntry>>,
-    wheel: RefCell<DeadlineWheel<(u32, u32)>>,
+    pub(crate) conns: RefCell<Slab<ConnEntry>>,
+    pub(crate) wheel: RefCell<DeadlineWheel<(u32, u32)>>,
+    pub(crate) poller: Poller,
+    pub(crate) scratch: RefCell<Scratch>,
+    /// Start of this shard's millisecond clock.
+    pub(crate) origin: Instant,
     pub presence: RefCell<PresenceTable>,
     pub events: Option<RefCell<EventLog>>,
     pub counters: Counters,
     router: Router,
-    next_gen: Cell<u32>,
+    pub(crate) next_gen: Cell<u32>,
     shutting_down: Cell<bool>,
 }
 
 impl Shard {
-    fn wall_ms_of(&self, t: Instant, now: Instant, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(now.saturating_duration_since(t).as_millis() as u64)
-    }
-
-    fn deadline(&self, e: &ConnEntry) -> Instant {
-        let c = &self.rt.config;
-        match e.phase {
-            Phase::Handshake => e.accepted + c.tls.handshake_timeout,
-            Phase::AwaitHello => e.accepted + c.presence.hello_timeout,
-            Phase::Session => e.last_seen + c.presence.liveness_timeout(),
-        }
-    }
-
-    /// Give the entry a wheel entry at `at`. Every live connection has
-    /// exactly one live wheel entry, told apart from stale ones by its tick;
-    /// an entry already waiting at that tick serves as it is.
-    fn schedule(&self, key: usize, e: &mut ConnEntry, at: Instant) {
-        let mut wheel = self.wheel.borrow_mut();
-        if e.wheel_tick != 0 && wheel.tick_for(at) == e.wheel_tick {
-            return;
-        }
-        e.wheel_tick = wheel.insert(at, (key as u32, e.gen));
-    }
-
-    /// Register an accepted connection; returns its key, generation and command receiver.
-    fn register(&self, now: Instant) -> (usize, u32, oneshot::Receiver<ConnCmd>) {
-        let gen = self.next_gen.get().wrapping_add(1);
-        self.next_gen.set(gen);
-        let (tx, rx) = oneshot::channel();
-        let mut conns = self.conns.borrow_mut();
-        let entry = conns.vacant_entry();
-        let key = entry.key();
-        let mut e = ConnEntry {
-            gen,
-            phase: Phase::Handshake,
-            accepted: now,
-            last_seen: now,
-            wheel_tick: 0,
-            session: None,
-            cmd: Some(tx),
-        };
-        let c = &self.rt.config;
-        let first = now + c.tls.handshake_timeout.min(c.presence.hello_timeout);
-        self.schedule(key, &mut e, first);
-        entry.insert(e);
-        (key, gen, rx)
-    }
-
-    /// The connection finished its TLS handshake.
-    pub fn handshake_done(&self, key: usize, gen: u32) {
-        if let Some(e) = self
-            .conns
-            .borrow_mut()
-            .get_mut(key)
-            .filter(|e| e.gen == gen)
-        {
-            e.phase = Phase::AwaitHello;
-        }
-    }
-
-    /// HELLO accepted: start the session and tell the owner shard.
-    pub fn session_started(&self, key: usize, gen: u32, id: &str, session: u64) {
-        let now = Instant::now();
-        let mut conns = self.conns.borrow_mut();
-        let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
-            return;
-        };
-        e.phase = Phase::Session;
-        e.last_seen = now;
-        e.session = Some((id.into(), session));
-        let at = self.deadline(e);
-        self.schedule(key, e, at);
-        drop(conns);
-        let owner = owner_shard(id.as_bytes(), self.nshards);
-        self.router.send(
-            owner,
-            ShardMsg::Hello {
-                id: id.into(),
-                session,
-                conn: ConnRef {
-                    shard: self.id as u16,
-                    key: key as u32,
-                    gen,
-                },
-                ts_ms: crate::runtime::wall_ms(),
-            },
-        );
-    }
-
-    /// A frame arrived: the connection is alive.
-    pub fn touch(&self, key: usize, gen: u32, now: Instant) {
-        if let Some(e) = self
-            .conns
-            .borrow_mut()
-            .get_mut(key)
-            .filter(|e| e.gen == gen)
-        {
-            e.last_seen = now;
-        }
-    }
-
-    /// The connection task ended: free the slot, tell the owner.
-    pub fn connection_closed(&self, key: usize, gen: u32, reason: GoneReason) {
-        let mut conns = self.conns.borrow_mut();
-        if conns.get(key).is_none_or(|e| e.gen != gen) {
-            return;
-        }
-        let e = conns.remove(key);
-        drop(conns);
-        if let Some((id, session)) = e.session {
-            let now = Instant::now();
-            let now_ms = crate::runtime::wall_ms();
-            let owner = owner_shard(id.as_bytes(), self.nshards);
-            self.router.send(
-                owner,
-                ShardMsg::Gone {
-                    id,
-                    session,
-                    reason,
-                    last_seen_ms: self.wall_ms_of(e.last_seen, now, now_ms),
-                    ts_ms: now_ms,
-                },
-            );
-        }
-    }
-
-    fn signal(&self, key: usize, gen: u32, cmd: ConnCmd) {
-        if let Some(e) = self
-            .conns
-            .borrow_mut()
-            .get_mut(key)
-            .filter(|e| e.gen == gen)
-        {
-            if let Some(tx) = e.cmd.take() {
-                let _ = tx.send(cmd);
-            }
-        }
+    pub(crate) fn router_send(&self, to: usize, msg: ShardMsg) {
+        self.router.send(to, msg);
     }
 
     fn publish(&self, t: Transition) {
@@ -321,7 +171,7 @@ impl Shard {
                 }
             }
             ShardMsg::Supersede { conn } => {
-                self.signal(conn.key as usize, conn.gen, ConnCmd::Superseded);
+                self.command(conn.key as usize, conn.gen, ConnCmd::Superseded);
             }
             ShardMsg::Publish(t) => match &self.events {
                 Some(log) => {
@@ -343,7 +193,7 @@ impl Shard {
                     session: rec.session,
                     shard: rec.conn.map(|c| c.shard),
                     owner_shard: self.id,
-                    offline_reason: rec.offline_reason,
+                    offline_reason: rec.offline_reason.map(|r| r.as_str()),
                 };
                 match rec.conn {
                     Some(conn) => self.router.send(
@@ -360,11 +210,8 @@ impl Shard {
                 mut info,
                 reply,
             } => {
-                let conns = self.conns.borrow();
-                if let Some(e) = conns.get(conn.key as usize).filter(|e| e.gen == conn.gen) {
-                    let now = Instant::now();
-                    info.last_seen_ms =
-                        self.wall_ms_of(e.last_seen, now, crate::runtime::wall_ms());
+                if let Some(ms) = self.last_seen_wall_ms(conn) {
+                    info.last_seen_ms = ms;
                 }
                 let _ = reply.send(Some(info));
             }
@@ -396,13 +243,12 @@ impl Shard {
     }
 
     pub fn snapshot(&self) -> ShardSnapshot {
-        let conns = self.conns.borrow();
-        let sessions = conns.iter().filter(|(_, e)| e.session.is_some()).count();
+        let (connections, sessions) = self.conn_counts();
         let presence = self.presence.borrow();
         self.counters.snapshot(
             self.id,
-            conns.len() as u64,
-            sessions as u64,
+            connections,
+            sessions,
             presence.len() as u64,
             presence.online() as u64,
             presence.in_grace() as u64,
@@ -411,50 +257,19 @@ impl Shard {
 
     /// One tick: fire due deadlines, end due grace periods.
     fn on_tick(&self, fired: &mut Vec<(u64, (u32, u32))>, transitions: &mut Vec<Transition>) {
-        let now = Instant::now();
-        self.wheel
-            .borrow_mut()
-            .expire_with_tick(now, |t, item| fired.push((t, item)));
-        for (tick, (key, gen)) in fired.drain(..) {
-            let mut conns = self.conns.borrow_mut();
-            let Some(e) = conns.get_mut(key as usize) else {
-                continue;
-            };
-            if e.gen != gen || e.wheel_tick != tick {
-                continue; // stale entry
-            }
-            e.wheel_tick = 0; // fired: no live wheel entry until rescheduled
-            let due = self.deadline(e);
-            if due <= now {
-                let cmd = match e.phase {
-                    Phase::Handshake => ConnCmd::HandshakeTimeout,
-                    Phase::AwaitHello => ConnCmd::HelloTimeout,
-                    Phase::Session => ConnCmd::Timeout,
-                };
-                if let Some(tx) = e.cmd.take() {
-                    let _ = tx.send(cmd);
-                }
-            } else {
-                self.schedule(key as usize, e, due);
-            }
-        }
+        self.expire_deadlines(fired);
         self.presence
             .borrow_mut()
-            .expire(now, crate::runtime::wall_ms(), transitions);
+            .expire(Instant::now(), crate::runtime::wall_ms(), transitions);
         for t in transitions.drain(..) {
             self.publish(t);
         }
     }
 
-    /// Tell every connection to close with ERROR 7 (no presence events).
+    /// Close every connection with ERROR 7 (no presence events).
     fn begin_shutdown(&self) {
         self.shutting_down.set(true);
-        let mut conns = self.conns.borrow_mut();
-        for (_, e) in conns.iter_mut() {
-            if let Some(tx) = e.cmd.take() {
-                let _ = tx.send(ConnCmd::Shutdown);
-            }
-        }
+        self.close_all();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -507,11 +322,21 @@ pub async fn run(
     }
     let origin = Instant::now();
     let tick = wheel_tick(&rt);
+    let poller = match Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(shard = id, "cannot create the session poller: {e}");
+            return;
+        }
+    };
     let shard = Rc::new(Shard {
         id,
         nshards,
         conns: RefCell::new(Slab::new()),
         wheel: RefCell::new(DeadlineWheel::new(origin, tick, 1024)),
+        poller,
+        scratch: RefCell::new(Scratch::default()),
+        origin,
         presence: RefCell::new(PresenceTable::new(
             origin,
             tick,
@@ -562,6 +387,7 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = local_channel::new_bounded::<()>(1);
     let accept_task = glommio::spawn_local(accept_loop(shard.clone(), listener, stop_rx)).detach();
+    let sessions_task = glommio::spawn_local(shard.clone().serve_sessions()).detach();
 
     if let Some(control) = control {
         let s = shard.clone();
@@ -592,6 +418,7 @@ pub async fn run(
     let _ = stop_tx.try_send(());
     accept_task.await;
     shard.begin_shutdown();
+    sessions_task.await;
     let give_up = Instant::now() + Duration::from_secs(3);
     while !shard.conns.borrow().is_empty() && Instant::now() < give_up {
         sleep(Duration::from_millis(10)).await;
@@ -668,7 +495,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: LocalReceive
         }
         shard.counters.accepted.inc();
         let _ = stream.set_nodelay(true);
-        let (key, gen, cmd) = shard.register(Instant::now());
+        let (key, gen, cmd) = shard.register();
         glommio::spawn_local(conn::serve(shard.clone(), stream, key, gen, cmd)).detach();
     }
 }

@@ -99,5 +99,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     // A client offering ALPN without presence/1 is refused by rustls
     // (no_application_protocol alert); one offering none is accepted.
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(Arc::new(cfg))
+    // Secret capture for the lean record layer (see lean::handshake).
+    Ok(crate::lean::handshake::prepare_config(cfg))
 }

@@ -32,7 +32,40 @@ pub fn bin(name: &str) -> PathBuf {
         assert!(status.success(), "cargo build --workspace --bins failed");
     }
     assert!(path.exists(), "{} not found", path.display());
+    assert_fresh(&path);
     path
+}
+
+/// The spawned binary must not be older than its sources: `cargo test -p
+/// presenced-tests` alone rebuilds the libraries but not the binaries, and a
+/// test against a stale binary proves nothing.
+fn assert_fresh(bin: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut best = None;
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = entry.path();
+            let t = if p.is_dir() {
+                newest(&p)
+            } else {
+                entry.metadata().and_then(|m| m.modified()).ok()
+            };
+            best = best.max(t);
+        }
+        best
+    }
+    let Ok(bin_time) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for src in ["daemon/src", "bench/src"] {
+        if let Some(t) = newest(&root.join(src)) {
+            assert!(
+                t <= bin_time,
+                "{} is older than {src}: run `cargo test --workspace` (or `cargo build --workspace --bins` first)",
+                bin.display()
+            );
+        }
+    }
 }
 
 /// Settings for a test daemon. Defaults are short so tests run quickly.
@@ -137,7 +170,7 @@ impl Daemon {
         let child = Command::new(bin("presenced"))
             .args(["serve", "--config"])
             .arg(dir.path().join("presenced.toml"))
-            .env("RUST_LOG", "info,presenced=debug")
+            .env("RUST_LOG", std::env::var("PRESENCED_TEST_LOG").unwrap_or_else(|_| "info,presenced=debug".into()))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
@@ -206,11 +239,10 @@ impl Daemon {
     }
 
     pub fn control_json(&self, cmd: &str) -> Value {
-        self.try_control_json(cmd)
-            .unwrap_or_else(|e| {
-                let shown: String = cmd.chars().take(60).collect();
-                panic!("control `{shown}`: {e}\n{}", self.log_text())
-            })
+        self.try_control_json(cmd).unwrap_or_else(|e| {
+            let shown: String = cmd.chars().take(60).collect();
+            panic!("control `{shown}`: {e}\n{}", self.log_text())
+        })
     }
 
     pub fn stats(&self) -> Value {
@@ -344,4 +376,106 @@ impl EventStream {
         }
         out
     }
+}
+
+// --- operations tests (tests/ops.rs) -----------------------------------------
+
+/// `presenced dev-init` into a fresh temp dir and write `config` as its
+/// `presenced.toml`. The daemon is not started (see [`Daemon::spawn_in`]).
+pub fn dev_setup(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("pd")
+        .tempdir_in(std::env::temp_dir())
+        .expect("tempdir");
+    let out = Command::new(bin("presenced"))
+        .arg("dev-init")
+        .arg(dir.path())
+        .output()
+        .expect("spawn presenced dev-init");
+    assert!(out.status.success(), "dev-init failed: {out:?}");
+    std::fs::write(dir.path().join("presenced.toml"), config).expect("write config");
+    dir
+}
+
+impl Daemon {
+    /// Start on a fresh dev setup with this exact config text.
+    pub fn start_with_config(config: &str) -> Self {
+        Self::spawn_in(dev_setup(config))
+    }
+
+    /// Like [`Daemon::spawn_in`], with extra environment variables. With
+    /// `watchdog_pid_self`, `WATCHDOG_PID` is set to the daemon's own pid
+    /// (as systemd does): it is started through `sh -c 'WATCHDOG_PID=$$ exec ...'`.
+    pub fn spawn_in_env(
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        watchdog_pid_self: bool,
+    ) -> Self {
+        let log = dir.path().join("presenced.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let config = dir.path().join("presenced.toml");
+        let mut cmd = if watchdog_pid_self {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#"WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@""#)
+                .arg(bin("presenced"));
+            c
+        } else {
+            Command::new(bin("presenced"))
+        };
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,presenced=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawn presenced serve");
+        let control = dir.path().join("control.sock");
+        let fleet_key = FleetKey::load(&dir.path().join("fleet.key")).expect("fleet key");
+        let ca = dir.path().join("tls/cert.pem");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            control,
+            fleet_key,
+            ca,
+            log,
+        };
+        d.addr = d.wait_ready(Duration::from_secs(20));
+        d
+    }
+
+    /// Wait up to `limit` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `presencectl --socket <this daemon's socket> ARGS`, run to completion.
+    pub fn presencectl(&self, args: &[&str]) -> std::process::Output {
+        presencectl_at(&self.control, args)
+    }
+}
+
+/// `presencectl --socket SOCKET ARGS`, run to completion.
+pub fn presencectl_at(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("presencectl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn presencectl")
 }
