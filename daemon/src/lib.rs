@@ -25,4 +25,5 @@ pub mod sockstat;
 pub mod stats;
 pub mod tls;
 pub mod tuning;
+pub mod upgrade;
 pub mod wheel;

@@ -1,0 +1,1034 @@
+//! The hand-over state machine, both sides.
+//!
+//! ```text
+//!  source (old process)                              target (new process)
+//!  Prepare   freeze, Manifest ---------------------> check protocol, check_manifest
+//!            <---------------------------------------- Ack{prepare}      | Fail
+//!  Listeners Listeners{first,count}+fds (x batches) -> verify fds, adopt_listeners
+//!            <---------------------------------------- Ack{listeners, n} | Fail
+//!  for each shard i:
+//!  Quiesce(i) quiesce_shard(i)
+//!  Transfer(i) Conns{batch}+fds .. Records{batch} .. ShardDone{counts} -> check, adopt_shard(i)
+//!            <---------------------------------------- Ack{transfer i, n} | Fail
+//!  Global    Events{batch} .. GlobalDone{seq,keys,totals} -> check, adopt_global, ready
+//!  Confirm   <---------------------------------------- Confirm{pid}      | Fail
+//!  Commit    Commit -----------------------------------> commit (MAINPID=, READY=1, serve)
+//!            <---------------------------------------- Serving{pid}      | Fail
+//!  Exit      finish(), the old process exits
+//!
+//!  any error before Serving:  Failed(step, reason) -> Abort (best effort),
+//!            stop_target, Resume (resume_all(reason)); the target exits non-zero.
+//! ```
+//!
+//! **Why Commit after Confirm.** If the target started serving as soon as it
+//! confirmed, a source whose timeout fired while the Confirm was in flight
+//! would resume too, and both processes would drive the same sockets (TLS
+//! sequence numbers diverge, agents see bad records). So the target only
+//! *prepares* in `ready()`, says Confirm, and touches no connection until it
+//! has the source's Commit. The source decides exactly once: it sends
+//! Commit, or it aborts and resumes. After Commit it still resumes if the
+//! target dies or stalls before Serving (after `stop_target`, which must kill
+//! it), because an old process serving is better than nobody serving.
+//!
+//! Every wait for the peer has its own deadline of `timeout`.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use super::manifest::{
+    validate_events, ConnHandoff, EventHandoff, Manifest, ManifestError, PresenceRecordHandoff,
+    TicketKeys,
+};
+use super::wire::{self, WireError, SCM_MAX_FD};
+
+/// Presence records per `Records` message (about 150 bytes each as JSON).
+pub const RECORDS_PER_MSG: usize = 4096;
+/// Events per `Events` message.
+pub const EVENTS_PER_MSG: usize = 4096;
+/// How long a side waits for the peer's `Fail` after a failed send, to
+/// report the peer's reason instead of "peer closed".
+const FAIL_GRACE: Duration = Duration::from_millis(500);
+
+/// Steps of the hand-over; also the `step` field of every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Prepare,
+    Listeners,
+    Quiesce(usize),
+    Transfer(usize),
+    Global,
+    Confirm,
+    Commit,
+    Exit,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Prepare => f.write_str("prepare"),
+            Step::Listeners => f.write_str("listeners"),
+            Step::Quiesce(i) => write!(f, "quiesce shard {i}"),
+            Step::Transfer(i) => write!(f, "transfer shard {i}"),
+            Step::Global => f.write_str("global state"),
+            Step::Confirm => f.write_str("confirm"),
+            Step::Commit => f.write_str("commit"),
+            Step::Exit => f.write_str("exit"),
+        }
+    }
+}
+
+/// The messages. Source -> target first, then target -> source.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    /// First message. No fds.
+    Manifest { step: Step, manifest: Manifest },
+    /// Listening sockets `first .. first+count` (shard order); `count` fds.
+    Listeners {
+        step: Step,
+        first: usize,
+        count: usize,
+    },
+    /// A batch of a shard's connections; one fd per entry, same order.
+    Conns {
+        step: Step,
+        shard: usize,
+        batch: u32,
+        conns: Vec<ConnHandoff>,
+    },
+    /// A batch of the presence records a shard owns. No fds.
+    Records {
+        step: Step,
+        shard: usize,
+        batch: u32,
+        records: Vec<PresenceRecordHandoff>,
+    },
+    /// End of a shard: what the batches must add up to.
+    ShardDone {
+        step: Step,
+        shard: usize,
+        conns: u64,
+        records: u64,
+        batches: u32,
+        /// Connections the source could not carry (mid handshake / key
+        /// update); they stay with the source, which sends them RECONNECT
+        /// after the commit. Informational.
+        uncarried: u64,
+    },
+    /// A batch of the event ring, oldest first.
+    Events {
+        step: Step,
+        batch: u32,
+        events: Vec<EventHandoff>,
+    },
+    /// End of the transfer, with the totals the manifest announced.
+    GlobalDone {
+        step: Step,
+        events: u64,
+        batches: u32,
+        next_event_seq: u64,
+        ticket_keys: TicketKeys,
+        /// Connections sent (carried).
+        connections_total: u64,
+        /// Connections left with the source.
+        uncarried_total: u64,
+        agents_total: u64,
+    },
+    /// Source: the target may start serving; the source will not resume
+    /// unless the target fails before Serving.
+    Commit { step: Step },
+    /// Source: giving up at `step`; the target must exit.
+    Abort { step: Step, reason: String },
+    /// Target: `step` done, `items` adopted.
+    Ack { step: Step, items: u64 },
+    /// Target: refusing at `step`; the target exits after sending this.
+    Fail { step: Step, reason: String },
+    /// Target: everything adopted and ready; waiting for Commit.
+    Confirm { step: Step, pid: u32 },
+    /// Target: serving (MAINPID sent); the source may exit.
+    Serving { step: Step, pid: u32 },
+}
+
+impl Msg {
+    fn describe(&self) -> String {
+        match self {
+            Msg::Manifest { step, .. } => format!("manifest ({step})"),
+            Msg::Listeners { step, first, count } => format!("listeners {first}+{count} ({step})"),
+            Msg::Conns { shard, batch, .. } => format!("conns of shard {shard} batch {batch}"),
+            Msg::Records { shard, batch, .. } => format!("records of shard {shard} batch {batch}"),
+            Msg::ShardDone { shard, .. } => format!("shard done {shard}"),
+            Msg::Events { batch, .. } => format!("events batch {batch}"),
+            Msg::GlobalDone { .. } => "global done".into(),
+            Msg::Commit { step } => format!("commit ({step})"),
+            Msg::Abort { step, .. } => format!("abort ({step})"),
+            Msg::Ack { step, items } => format!("ack {step} ({items} items)"),
+            Msg::Fail { step, .. } => format!("fail ({step})"),
+            Msg::Confirm { .. } => "confirm".into(),
+            Msg::Serving { .. } => "serving".into(),
+        }
+    }
+}
+
+/// Why a hand-over step failed.
+#[derive(Debug, Error)]
+pub enum FailKind {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("target failed: {0}")]
+    TargetFailed(String),
+    #[error("source aborted: {0}")]
+    SourceAborted(String),
+    /// The local side's own trait method failed.
+    #[error("{what}: {reason}")]
+    Local { what: String, reason: String },
+    #[error("protocol violation: expected {expected}, got {got}")]
+    Protocol { expected: String, got: String },
+    #[error(transparent)]
+    Check(#[from] ManifestError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A hand-over that did not complete, and the step it stopped at.
+#[derive(Debug, Error)]
+#[error("upgrade failed at {step}: {kind}")]
+pub struct UpgradeError {
+    pub step: Step,
+    pub kind: FailKind,
+}
+
+impl UpgradeError {
+    fn new(step: Step, kind: impl Into<FailKind>) -> Self {
+        UpgradeError {
+            step,
+            kind: kind.into(),
+        }
+    }
+}
+
+/// One shard's share of the state, produced by `Source::quiesce_shard`.
+#[derive(Debug, Default)]
+pub struct ShardSnapshot {
+    /// Connections accepted by this shard with their sockets. The fds are
+    /// the machine's to close (pass duplicates: `OwnedFd::try_clone`); the
+    /// daemon keeps its own until `finish` or `resume_all`.
+    pub conns: Vec<(ConnHandoff, OwnedFd)>,
+    /// Presence records owned by this shard (owner_shard(id) == shard).
+    pub records: Vec<PresenceRecordHandoff>,
+    /// Connections left out because their TLS state cannot be carried.
+    pub uncarried: u64,
+}
+
+/// State that is not per shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GlobalState {
+    /// The event ring, oldest first.
+    pub events: Vec<EventHandoff>,
+    pub next_event_seq: u64,
+    pub ticket_keys: TicketKeys,
+}
+
+/// The old daemon's side. Called from one std thread, in order.
+pub trait Source {
+    /// Freeze every shard: stop accepting, stop applying frames, closes and
+    /// timers, so that presence, events and connection state stop changing
+    /// (and no mesh message is in flight) until `resume_all` or `finish`.
+    /// The manifest is built right after, and its totals must be exact.
+    fn prepare(&mut self) -> Result<(), String>;
+    fn manifest(&mut self) -> Manifest;
+    /// Duplicates of the listening sockets, shard order, `manifest.shards`
+    /// of them. The machine closes the duplicates; the daemon keeps its own.
+    fn listeners(&mut self) -> Result<Vec<OwnedFd>, String>;
+    /// Stop shard `shard` for good (cancel its pending socket I/O, so no
+    /// byte is consumed after the snapshot) and describe it.
+    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, String>;
+    /// Event ring, next seq, ticket keys; called after every shard is
+    /// quiesced.
+    fn global_state(&mut self) -> Result<GlobalState, String>;
+    /// A step failed: make sure the target is gone (kill and reap the child)
+    /// before anything is resumed, so two processes never serve one socket.
+    fn stop_target(&mut self);
+    /// A step failed: serve everything again. The daemon's own fds were
+    /// never closed. Also re-send `MAINPID=<own pid>`: a target that failed
+    /// after Commit may already have claimed the unit.
+    fn resume_all(&mut self, reason: &str);
+    /// The target serves: close every listener and connection fd WITHOUT
+    /// shutdown() (the sockets stay open in the target), send RECONNECT to
+    /// the uncarried connections, then return so the process can exit.
+    fn finish(&mut self);
+}
+
+/// The new daemon's side. Called before its shards start.
+pub trait Target {
+    /// Beyond protocol and structure (checked by the machine): the shard
+    /// count and listen address against the local config, e.g. with
+    /// `Manifest::check_local`.
+    fn check_manifest(&mut self, manifest: &Manifest) -> Result<(), String>;
+    /// The listening sockets, shard order. Do not accept yet.
+    fn adopt_listeners(&mut self, listeners: Vec<OwnedFd>) -> Result<(), String>;
+    /// A shard's connections (with their sockets) and owned records. Do not
+    /// read or write the sockets yet.
+    fn adopt_shard(
+        &mut self,
+        shard: usize,
+        conns: Vec<(ConnHandoff, OwnedFd)>,
+        records: Vec<PresenceRecordHandoff>,
+    ) -> Result<(), String>;
+    fn adopt_global(&mut self, global: GlobalState) -> Result<(), String>;
+    /// Last step that may fail: build everything needed to serve, without
+    /// touching any socket. Confirm is sent when this succeeds.
+    fn ready(&mut self) -> Result<(), String>;
+    /// The source committed: send `MAINPID=<own pid>` and `READY=1`, start
+    /// serving. If this fails it must not have touched any socket.
+    fn commit(&mut self) -> Result<(), String>;
+}
+
+/// What a successful hand-over moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceOutcome {
+    pub target_pid: u32,
+    pub shards: usize,
+    pub connections: u64,
+    pub records: u64,
+    pub events: u64,
+    pub uncarried: u64,
+    pub transitions: Vec<Step>,
+    pub elapsed: Duration,
+}
+
+/// What the target adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetOutcome {
+    pub manifest: Manifest,
+    pub connections: u64,
+    pub records: u64,
+    pub events: u64,
+    pub transitions: Vec<Step>,
+}
+
+/// Shared plumbing: the socket, the current step, the transition log.
+struct Side {
+    sock: UnixStream,
+    timeout: Duration,
+    step: Step,
+    transitions: Vec<Step>,
+    role: &'static str,
+}
+
+impl Side {
+    fn enter(&mut self, step: Step) {
+        info!(role = self.role, from = %self.step, to = %step, "upgrade: step");
+        self.step = step;
+        self.transitions.push(step);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.timeout)
+    }
+
+    fn err(&self, kind: impl Into<FailKind>) -> UpgradeError {
+        UpgradeError::new(self.step, kind)
+    }
+
+    fn local(&self, what: impl Into<String>, reason: String) -> UpgradeError {
+        self.err(FailKind::Local {
+            what: what.into(),
+            reason,
+        })
+    }
+
+    fn protocol(&self, expected: impl Into<String>, got: &Msg) -> UpgradeError {
+        match got {
+            Msg::Fail { reason, .. } => self.err(FailKind::TargetFailed(reason.clone())),
+            Msg::Abort { reason, .. } => self.err(FailKind::SourceAborted(reason.clone())),
+            _ => self.err(FailKind::Protocol {
+                expected: expected.into(),
+                got: got.describe(),
+            }),
+        }
+    }
+
+    /// Send; if the peer is gone, pick up the `Fail`/`Abort` it may have
+    /// left behind so the error names the peer's reason.
+    fn send(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), UpgradeError> {
+        match wire::send_deadline(&self.sock, msg, fds, self.deadline()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_closed() => {
+                let grace = Some(Instant::now() + FAIL_GRACE.min(self.timeout));
+                match wire::recv_no_fds::<Msg>(&self.sock, grace) {
+                    Ok(m @ (Msg::Fail { .. } | Msg::Abort { .. })) => Err(self.protocol("", &m)),
+                    _ => Err(self.err(e)),
+                }
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn recv(&self) -> Result<Msg, UpgradeError> {
+        wire::recv_no_fds(&self.sock, self.deadline()).map_err(|e| self.err(e))
+    }
+
+    fn recv_fds(&self) -> Result<(Msg, Vec<OwnedFd>), UpgradeError> {
+        wire::recv_deadline(&self.sock, self.deadline()).map_err(|e| self.err(e))
+    }
+
+    fn no_fds(&self, m: &Msg, fds: &[OwnedFd]) -> Result<(), UpgradeError> {
+        if fds.is_empty() {
+            Ok(())
+        } else {
+            Err(self.err(FailKind::Invalid(format!(
+                "{} carried {} fds, expected none",
+                m.describe(),
+                fds.len()
+            ))))
+        }
+    }
+
+    fn expect_ack(&self, items: u64) -> Result<(), UpgradeError> {
+        match self.recv()? {
+            Msg::Ack { step, items: n } if step == self.step && n == items => Ok(()),
+            m => Err(self.protocol(format!("ack {} ({items} items)", self.step), &m)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- source
+
+/// Run the old daemon's side over `sock` (connected to the target). On any
+/// failure before the target reports Serving: Abort is sent, `stop_target`
+/// and `resume_all(reason)` are called, and the error names the step.
+/// On success `finish` has been called and the process should exit.
+pub fn run_source<S: Source>(
+    sock: UnixStream,
+    src: &mut S,
+    timeout: Duration,
+) -> Result<SourceOutcome, UpgradeError> {
+    let started = Instant::now();
+    let mut side = Side {
+        sock,
+        timeout,
+        step: Step::Prepare,
+        transitions: vec![Step::Prepare],
+        role: "source",
+    };
+    info!(role = "source", step = %Step::Prepare, "upgrade: start");
+    match drive_source(&mut side, src) {
+        Ok(mut out) => {
+            side.enter(Step::Exit);
+            src.finish();
+            out.transitions = side.transitions;
+            out.elapsed = started.elapsed();
+            info!(
+                target_pid = out.target_pid,
+                connections = out.connections,
+                records = out.records,
+                events = out.events,
+                uncarried = out.uncarried,
+                elapsed_ms = out.elapsed.as_millis() as u64,
+                "upgrade: handed over"
+            );
+            Ok(out)
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            warn!(step = %e.step, "upgrade: {reason}; resuming");
+            if !matches!(
+                e.kind,
+                FailKind::TargetFailed(_) | FailKind::Wire(WireError::Closed)
+            ) {
+                let abort = Msg::Abort {
+                    step: e.step,
+                    reason: reason.clone(),
+                };
+                let _ = wire::send_deadline(
+                    &side.sock,
+                    &abort,
+                    &[],
+                    Some(Instant::now() + FAIL_GRACE.min(timeout)),
+                );
+            }
+            let _ = side.sock.shutdown(std::net::Shutdown::Both);
+            src.stop_target();
+            src.resume_all(&reason);
+            info!(step = %e.step, "upgrade: resumed");
+            Err(e)
+        }
+    }
+}
+
+fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome, UpgradeError> {
+    // Prepare: freeze, then describe the frozen state.
+    src.prepare().map_err(|r| side.local("prepare", r))?;
+    let m = src.manifest();
+    m.validate().map_err(|e| side.err(e))?;
+    let shards = m.shards;
+    side.send(
+        &Msg::Manifest {
+            step: side.step,
+            manifest: m.clone(),
+        },
+        &[],
+    )?;
+    side.expect_ack(0)?;
+
+    // Listeners.
+    side.enter(Step::Listeners);
+    let listeners = src.listeners().map_err(|r| side.local("listeners", r))?;
+    if listeners.len() != shards {
+        return Err(side.err(ManifestError::Count {
+            what: "listeners",
+            expected: shards as u64,
+            got: listeners.len() as u64,
+        }));
+    }
+    for (i, chunk) in listeners.chunks(SCM_MAX_FD).enumerate() {
+        let fds: Vec<BorrowedFd> = chunk.iter().map(|f| f.as_fd()).collect();
+        let msg = Msg::Listeners {
+            step: side.step,
+            first: i * SCM_MAX_FD,
+            count: chunk.len(),
+        };
+        side.send(&msg, &fds)?;
+    }
+    drop(listeners);
+    side.expect_ack(shards as u64)?;
+
+    // Shards, one at a time.
+    let (mut conns_total, mut records_total, mut uncarried_total) = (0u64, 0u64, 0u64);
+    for shard in 0..shards {
+        side.enter(Step::Quiesce(shard));
+        let snap = src
+            .quiesce_shard(shard)
+            .map_err(|r| side.local(format!("quiesce shard {shard}"), r))?;
+        // Check our own output before it leaves: a bug in this binary must
+        // fail the upgrade here, not in the new process.
+        for (i, (c, _)) in snap.conns.iter().enumerate() {
+            c.validate(shard).map_err(|what| {
+                side.err(ManifestError::Conn {
+                    shard,
+                    index: i,
+                    what,
+                })
+            })?;
+        }
+        for r in &snap.records {
+            r.validate(shard, shards).map_err(|what| {
+                side.err(ManifestError::Record {
+                    shard,
+                    agent: r.agent.clone(),
+                    what,
+                })
+            })?;
+        }
+        side.enter(Step::Transfer(shard));
+        let (n_conns, n_records) = (snap.conns.len() as u64, snap.records.len() as u64);
+        let mut batch = 0u32;
+        let mut conns = snap.conns.into_iter();
+        loop {
+            let (hand, fds): (Vec<ConnHandoff>, Vec<OwnedFd>) =
+                conns.by_ref().take(SCM_MAX_FD).unzip();
+            if hand.is_empty() {
+                break;
+            }
+            let borrowed: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+            debug!(shard, batch, conns = hand.len(), "upgrade: sending conns");
+            let msg = Msg::Conns {
+                step: side.step,
+                shard,
+                batch,
+                conns: hand,
+            };
+            side.send(&msg, &borrowed)?;
+            batch += 1;
+        }
+        for chunk in snap.records.chunks(RECORDS_PER_MSG) {
+            let msg = Msg::Records {
+                step: side.step,
+                shard,
+                batch,
+                records: chunk.to_vec(),
+            };
+            side.send(&msg, &[])?;
+            batch += 1;
+        }
+        side.send(
+            &Msg::ShardDone {
+                step: side.step,
+                shard,
+                conns: n_conns,
+                records: n_records,
+                batches: batch,
+                uncarried: snap.uncarried,
+            },
+            &[],
+        )?;
+        side.expect_ack(n_conns + n_records)?;
+        info!(
+            shard,
+            conns = n_conns,
+            records = n_records,
+            uncarried = snap.uncarried,
+            "upgrade: shard handed over"
+        );
+        conns_total += n_conns;
+        records_total += n_records;
+        uncarried_total += snap.uncarried;
+    }
+
+    // Global state, and the manifest's totals checked on this side too.
+    side.enter(Step::Global);
+    let g = src
+        .global_state()
+        .map_err(|r| side.local("global state", r))?;
+    for (what, expected, got) in [
+        (
+            "connections (carried + uncarried)",
+            m.connections_total,
+            conns_total + uncarried_total,
+        ),
+        ("presence records", m.agents_total, records_total),
+        ("next event seq", m.next_event_seq, g.next_event_seq),
+    ] {
+        if expected != got {
+            return Err(side.err(ManifestError::Count {
+                what,
+                expected,
+                got,
+            }));
+        }
+    }
+    validate_events(&g.events, g.next_event_seq).map_err(|e| side.err(e))?;
+    let mut batch = 0u32;
+    for chunk in g.events.chunks(EVENTS_PER_MSG) {
+        let msg = Msg::Events {
+            step: side.step,
+            batch,
+            events: chunk.to_vec(),
+        };
+        side.send(&msg, &[])?;
+        batch += 1;
+    }
+    side.send(
+        &Msg::GlobalDone {
+            step: side.step,
+            events: g.events.len() as u64,
+            batches: batch,
+            next_event_seq: g.next_event_seq,
+            ticket_keys: g.ticket_keys,
+            connections_total: conns_total,
+            uncarried_total,
+            agents_total: records_total,
+        },
+        &[],
+    )?;
+
+    // Confirm: the target adopted everything and is ready.
+    side.enter(Step::Confirm);
+    let pid = match side.recv()? {
+        Msg::Confirm {
+            step: Step::Confirm,
+            pid,
+        } => pid,
+        m => return Err(side.protocol("confirm", &m)),
+    };
+
+    // Commit: from here on the target may touch the sockets.
+    side.enter(Step::Commit);
+    side.send(&Msg::Commit { step: Step::Commit }, &[])?;
+    match side.recv()? {
+        Msg::Serving {
+            step: Step::Commit,
+            pid: p,
+        } if p == pid => {}
+        m => return Err(side.protocol(format!("serving from pid {pid}"), &m)),
+    }
+    Ok(SourceOutcome {
+        target_pid: pid,
+        shards,
+        connections: conns_total,
+        records: records_total,
+        events: g.events.len() as u64,
+        uncarried: uncarried_total,
+        transitions: Vec::new(),
+        elapsed: Duration::ZERO,
+    })
+}
+
+// ---------------------------------------------------------------- target
+
+/// Run the new daemon's side over `sock` (from `spawn::target_socket`).
+/// Returns once the target serves. On error a `Fail` has been sent (if the
+/// socket still works) and the process must exit non-zero without having
+/// touched any handed-over socket.
+pub fn run_target<T: Target>(
+    sock: UnixStream,
+    tgt: &mut T,
+    timeout: Duration,
+) -> Result<TargetOutcome, UpgradeError> {
+    let mut side = Side {
+        sock,
+        timeout,
+        step: Step::Prepare,
+        transitions: vec![Step::Prepare],
+        role: "target",
+    };
+    info!(role = "target", step = %Step::Prepare, "upgrade: start");
+    match drive_target(&mut side, tgt) {
+        Ok(mut out) => {
+            side.enter(Step::Exit);
+            out.transitions = side.transitions;
+            info!(
+                connections = out.connections,
+                records = out.records,
+                events = out.events,
+                "upgrade: took over from pid {}",
+                out.manifest.from_pid
+            );
+            Ok(out)
+        }
+        Err(e) => {
+            warn!(step = %e.step, "upgrade: {e}; exiting");
+            let peer_gone = matches!(
+                e.kind,
+                FailKind::SourceAborted(_) | FailKind::Wire(WireError::Closed)
+            );
+            if !peer_gone {
+                let fail = Msg::Fail {
+                    step: e.step,
+                    reason: e.kind.to_string(),
+                };
+                let _ = wire::send_deadline(
+                    &side.sock,
+                    &fail,
+                    &[],
+                    Some(Instant::now() + FAIL_GRACE.min(timeout)),
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome, UpgradeError> {
+    // Prepare: the manifest.
+    let (msg, fds) = side.recv_fds()?;
+    side.no_fds(&msg, &fds)?;
+    let m = match msg {
+        Msg::Manifest {
+            step: Step::Prepare,
+            manifest,
+        } => manifest,
+        m => return Err(side.protocol("manifest", &m)),
+    };
+    info!(
+        from_pid = m.from_pid,
+        from_version = %m.from_version,
+        shards = m.shards,
+        connections = m.connections_total,
+        agents = m.agents_total,
+        "upgrade: manifest"
+    );
+    m.validate().map_err(|e| side.err(e))?;
+    tgt.check_manifest(&m)
+        .map_err(|r| side.local("check manifest", r))?;
+    side.send(
+        &Msg::Ack {
+            step: side.step,
+            items: 0,
+        },
+        &[],
+    )?;
+    let shards = m.shards;
+    let want_addr = m.listen.parse::<std::net::SocketAddr>().ok();
+
+    // Listeners.
+    side.enter(Step::Listeners);
+    let mut listeners: Vec<OwnedFd> = Vec::with_capacity(shards);
+    while listeners.len() < shards {
+        let (msg, fds) = side.recv_fds()?;
+        match msg {
+            Msg::Listeners {
+                step: Step::Listeners,
+                first,
+                count,
+            } if first == listeners.len()
+                && count == fds.len()
+                && count > 0
+                && first + count <= shards => {}
+            m => {
+                return Err(side.protocol(
+                    format!(
+                        "listeners {}.. with matching fds ({} arrived)",
+                        listeners.len(),
+                        fds.len()
+                    ),
+                    &m,
+                ))
+            }
+        }
+        for fd in fds {
+            check_listener(fd.as_fd(), want_addr).map_err(|what| {
+                side.err(FailKind::Invalid(format!(
+                    "listener {}: {what}",
+                    listeners.len()
+                )))
+            })?;
+            listeners.push(fd);
+        }
+    }
+    tgt.adopt_listeners(listeners)
+        .map_err(|r| side.local("adopt listeners", r))?;
+    side.send(
+        &Msg::Ack {
+            step: side.step,
+            items: shards as u64,
+        },
+        &[],
+    )?;
+
+    // Shards.
+    let (mut conns_total, mut records_total, mut uncarried_total) = (0u64, 0u64, 0u64);
+    for shard in 0..shards {
+        side.enter(Step::Transfer(shard));
+        let mut conns: Vec<(ConnHandoff, OwnedFd)> = Vec::new();
+        let mut records: Vec<PresenceRecordHandoff> = Vec::new();
+        let mut next_batch = 0u32;
+        loop {
+            let (msg, fds) = side.recv_fds()?;
+            match msg {
+                Msg::Conns {
+                    step: Step::Transfer(s),
+                    shard: sh,
+                    batch,
+                    conns: batch_conns,
+                } if s == shard && sh == shard && batch == next_batch => {
+                    if batch_conns.len() != fds.len() || batch_conns.is_empty() {
+                        return Err(side.err(FailKind::Invalid(format!(
+                            "conns batch {batch} of shard {shard}: {} entries but {} fds",
+                            batch_conns.len(),
+                            fds.len()
+                        ))));
+                    }
+                    if conns_total + (conns.len() + batch_conns.len()) as u64 > m.connections_total
+                    {
+                        return Err(side.err(FailKind::Invalid(format!(
+                            "more connections than the manifest's {}",
+                            m.connections_total
+                        ))));
+                    }
+                    for (c, fd) in batch_conns.into_iter().zip(fds) {
+                        c.validate(shard).map_err(|what| {
+                            side.err(ManifestError::Conn {
+                                shard,
+                                index: conns.len(),
+                                what,
+                            })
+                        })?;
+                        conns.push((c, fd));
+                    }
+                }
+                Msg::Records {
+                    step: Step::Transfer(s),
+                    shard: sh,
+                    batch,
+                    records: batch_records,
+                } if s == shard && sh == shard && batch == next_batch && fds.is_empty() => {
+                    if records_total + (records.len() + batch_records.len()) as u64 > m.agents_total
+                    {
+                        return Err(side.err(FailKind::Invalid(format!(
+                            "more presence records than the manifest's {}",
+                            m.agents_total
+                        ))));
+                    }
+                    for r in batch_records {
+                        r.validate(shard, shards).map_err(|what| {
+                            side.err(ManifestError::Record {
+                                shard,
+                                agent: r.agent.clone(),
+                                what,
+                            })
+                        })?;
+                        records.push(r);
+                    }
+                }
+                Msg::ShardDone {
+                    step: Step::Transfer(s),
+                    shard: sh,
+                    conns: n_conns,
+                    records: n_records,
+                    batches,
+                    uncarried,
+                } if s == shard && sh == shard && fds.is_empty() => {
+                    for (what, expected, got) in [
+                        ("batches", u64::from(batches), u64::from(next_batch)),
+                        ("connections", n_conns, conns.len() as u64),
+                        ("presence records", n_records, records.len() as u64),
+                    ] {
+                        if expected != got {
+                            return Err(side.err(ManifestError::Count {
+                                what,
+                                expected,
+                                got,
+                            }));
+                        }
+                    }
+                    debug!(shard, uncarried, "upgrade: shard received");
+                    uncarried_total = uncarried_total.saturating_add(uncarried);
+                    break;
+                }
+                m => {
+                    return Err(side.protocol(
+                        format!("batch {next_batch} or shard done of shard {shard}"),
+                        &m,
+                    ))
+                }
+            }
+            next_batch += 1;
+        }
+        let items = (conns.len() + records.len()) as u64;
+        conns_total += conns.len() as u64;
+        records_total += records.len() as u64;
+        tgt.adopt_shard(shard, conns, records)
+            .map_err(|r| side.local(format!("adopt shard {shard}"), r))?;
+        side.send(
+            &Msg::Ack {
+                step: side.step,
+                items,
+            },
+            &[],
+        )?;
+    }
+
+    // Global state and the manifest's totals.
+    side.enter(Step::Global);
+    let mut events: Vec<EventHandoff> = Vec::new();
+    let mut next_batch = 0u32;
+    let global = loop {
+        let (msg, fds) = side.recv_fds()?;
+        side.no_fds(&msg, &fds)?;
+        match msg {
+            Msg::Events {
+                step: Step::Global,
+                batch,
+                events: ev,
+            } if batch == next_batch => {
+                events.extend(ev);
+                next_batch += 1;
+            }
+            Msg::GlobalDone {
+                step: Step::Global,
+                events: n_events,
+                batches,
+                next_event_seq,
+                ticket_keys,
+                connections_total,
+                uncarried_total: sent_uncarried,
+                agents_total,
+            } => {
+                for (what, expected, got) in [
+                    ("event batches", u64::from(batches), u64::from(next_batch)),
+                    ("events", n_events, events.len() as u64),
+                    ("connections (sent)", connections_total, conns_total),
+                    ("uncarried connections", sent_uncarried, uncarried_total),
+                    ("presence records (sent)", agents_total, records_total),
+                    (
+                        "connections (carried + uncarried)",
+                        m.connections_total,
+                        conns_total.saturating_add(uncarried_total),
+                    ),
+                    ("presence records", m.agents_total, records_total),
+                    ("next event seq", m.next_event_seq, next_event_seq),
+                ] {
+                    if expected != got {
+                        return Err(side.err(ManifestError::Count {
+                            what,
+                            expected,
+                            got,
+                        }));
+                    }
+                }
+                validate_events(&events, next_event_seq).map_err(|e| side.err(e))?;
+                break GlobalState {
+                    events,
+                    next_event_seq,
+                    ticket_keys,
+                };
+            }
+            m => return Err(side.protocol(format!("events batch {next_batch} or global done"), &m)),
+        }
+    };
+    let n_events = global.events.len() as u64;
+    tgt.adopt_global(global)
+        .map_err(|r| side.local("adopt global state", r))?;
+    tgt.ready().map_err(|r| side.local("ready", r))?;
+
+    // Confirm, then wait for the source to commit.
+    side.enter(Step::Confirm);
+    let pid = std::process::id();
+    side.send(
+        &Msg::Confirm {
+            step: Step::Confirm,
+            pid,
+        },
+        &[],
+    )?;
+    side.enter(Step::Commit);
+    match side.recv()? {
+        Msg::Commit { step: Step::Commit } => {}
+        m => return Err(side.protocol("commit", &m)),
+    }
+    tgt.commit().map_err(|r| side.local("commit", r))?;
+    // Best effort: the source treats EOF after Commit as a failed target
+    // and resumes, so a lost Serving is not harmless; report it.
+    side.send(
+        &Msg::Serving {
+            step: Step::Commit,
+            pid,
+        },
+        &[],
+    )?;
+    Ok(TargetOutcome {
+        manifest: m,
+        connections: conns_total,
+        records: records_total,
+        events: n_events,
+        transitions: Vec::new(),
+    })
+}
+
+/// A handed-over listener must be a listening stream socket bound to the
+/// manifest's address.
+fn check_listener(fd: BorrowedFd<'_>, want: Option<std::net::SocketAddr>) -> Result<(), String> {
+    let listening =
+        getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("not a socket ({e})"))?;
+    if !listening {
+        return Err("not listening".into());
+    }
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("SO_TYPE: {e}"))?;
+    if ty != SockType::Stream {
+        return Err(format!("socket type {ty:?}, expected stream"));
+    }
+    if let Some(want) = want {
+        let ss: SockaddrStorage =
+            getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        let got = if let Some(v4) = ss.as_sockaddr_in() {
+            std::net::SocketAddr::V4((*v4).into())
+        } else if let Some(v6) = ss.as_sockaddr_in6() {
+            std::net::SocketAddr::V6((*v6).into())
+        } else {
+            return Err("not an inet socket".into());
+        };
+        if got != want {
+            return Err(format!("bound to {got}, manifest says {want}"));
+        }
+    }
+    Ok(())
+}
