@@ -85,12 +85,21 @@ async fn rustls_client_with_key_update_and_close_notify() {
     for seq in 2..5 {
         c.heartbeat(seq).await.expect("ack after KeyUpdate");
     }
-    c.tls_stream_mut().get_mut().1.refresh_traffic_keys().unwrap();
+    c.tls_stream_mut()
+        .get_mut()
+        .1
+        .refresh_traffic_keys()
+        .unwrap();
     c.heartbeat(5).await.expect("ack after a second KeyUpdate");
     c.bye().await.unwrap();
     c.close().await.expect("close_notify exchange");
     let got = events.collect(2 * SECOND);
-    assert_eq!(states(&got, "rustls-agent"), online_then_bye(), "{}", d.log_text());
+    assert_eq!(
+        states(&got, "rustls-agent"),
+        online_then_bye(),
+        "{}",
+        d.log_text()
+    );
 
     // close_notify without BYE is a lost connection: grace, no event yet.
     let (c2, _) = d.agent("rustls-quiet").await;
@@ -103,7 +112,14 @@ async fn openssl_s_client_with_key_update() {
     let d = Daemon::start();
     let mut events = d.events(None);
     let mut child = Command::new("openssl")
-        .args(["s_client", "-tls1_3", "-alpn", "presence/1", "-servername", "localhost"])
+        .args([
+            "s_client",
+            "-tls1_3",
+            "-alpn",
+            "presence/1",
+            "-servername",
+            "localhost",
+        ])
         .arg("-connect")
         .arg(d.addr.to_string())
         .arg("-CAfile")
@@ -133,7 +149,10 @@ async fn openssl_s_client_with_key_update() {
     drop(stdin);
     let out = child.wait_with_output().expect("s_client output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("KEYUPDATE"), "s_client did not send KeyUpdate: {stderr}");
+    assert!(
+        stderr.contains("KEYUPDATE"),
+        "s_client did not send KeyUpdate: {stderr}"
+    );
     let frames = frames_in(&out.stdout);
     assert!(
         matches!(frames.first(), Some(Frame::Welcome { .. })),
@@ -211,14 +230,18 @@ async fn malformed_records_close_only_that_connection() {
     let mut junk = vec![23u8, 3, 3, 0, 40];
     junk.extend((0..40u8).map(|i| i.wrapping_mul(37)));
     tcp.write_all(&junk).await.unwrap();
-    let end = tokio::time::timeout(5 * SECOND, c.recv_frame()).await.expect("closed in time");
+    let end = tokio::time::timeout(5 * SECOND, c.recv_frame())
+        .await
+        .expect("closed in time");
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     bystander.heartbeat(1).await.expect("bystander unaffected");
     // An oversized record header.
     let (mut c, _) = d.agent("victim2").await;
     let tcp = c.tls_stream_mut().get_mut().0;
     tcp.write_all(&[23, 3, 3, 0x48, 0x01]).await.unwrap();
-    let end = tokio::time::timeout(5 * SECOND, c.recv_frame()).await.expect("closed in time");
+    let end = tokio::time::timeout(5 * SECOND, c.recv_frame())
+        .await
+        .expect("closed in time");
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     bystander.heartbeat(2).await.expect("bystander unaffected");
     assert_eq!(d.stats()["sessions"], 1);

@@ -181,7 +181,21 @@ impl Shard {
                 return;
             }
             e.phase = Phase::AwaitHello;
-            e.kind = Kind::Session(Box::new(Session::new(fd, tls)));
+            let mut session = Box::new(Session::new(fd, tls));
+            if self.is_frozen() {
+                // A live hand-over is under way: nothing may change now.
+                // The input waits in the session (and travels with it).
+                if !(input.is_empty() && early.is_empty()) {
+                    session.pending = Some(Box::new(crate::session::Pending {
+                        record: input,
+                        frames: early,
+                        tx: Vec::new(),
+                    }));
+                }
+                e.kind = Kind::Session(session);
+                return;
+            }
+            e.kind = Kind::Session(session);
         }
         let mut steps = Vec::new();
         let closing = {
@@ -214,7 +228,15 @@ impl Shard {
     pub async fn serve_sessions(self: Rc<Self>) {
         let mut events = Vec::with_capacity(crate::poller::BATCH);
         while !self.is_shutting_down() {
+            if self.is_frozen() {
+                // Level-triggered: readiness waits until the thaw.
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
             events = self.poller.wait(events, Duration::from_millis(50)).await;
+            if self.is_frozen() {
+                continue;
+            }
             for ev in &events {
                 let (key, gen) = untoken(ev.data());
                 self.on_ready(key, gen, ev.events());
@@ -575,6 +597,225 @@ impl Shard {
             .collect();
         for (key, gen) in keys {
             self.command(key, gen, ConnCmd::Shutdown);
+        }
+    }
+
+    /// Live hand-over, old process: describe every session whose TLS state
+    /// can be carried (with a duplicate of its socket) and every presence
+    /// record this shard owns. The shard is frozen: nothing changes after.
+    pub fn quiesce(&self) -> crate::upgrade::machine::ShardSnapshot {
+        use crate::upgrade::manifest::{phase, ConnHandoff, TlsState};
+        let now = self.now_ms();
+        let mut conns = self.conns.borrow_mut();
+        let mut snap = crate::upgrade::machine::ShardSnapshot {
+            conns: Vec::new(),
+            records: Vec::new(),
+            uncarried: 0,
+        };
+        for (key, e) in conns.iter_mut() {
+            let (gen, last_seen_ms, accepted_ms, phase) =
+                (e.gen, e.last_seen_ms, e.accepted_ms, e.phase);
+            let Kind::Session(s) = &mut e.kind else {
+                snap.uncarried += 1; // mid-handshake: no TLS state yet
+                continue;
+            };
+            if !s.tls.transferable() {
+                snap.uncarried += 1; // mid-KeyUpdate, or closing
+                continue;
+            }
+            let Ok(fd) = s.fd.try_clone() else {
+                snap.uncarried += 1;
+                continue;
+            };
+            let (suite, rx_secret, rx_seq, tx_secret, tx_seq) = s.tls.export();
+            let pending = s.pending.as_deref();
+            s.carried = true;
+            snap.conns.push((
+                ConnHandoff {
+                    shard: self.id as u16,
+                    key: key as u32,
+                    gen,
+                    agent: s.agent.as_deref().map(str::to_owned),
+                    session_id: s.session_id,
+                    last_seen_age_ms: now.saturating_sub(last_seen_ms),
+                    accepted_age_ms: now.saturating_sub(accepted_ms),
+                    phase: if phase == Phase::Session {
+                        phase::SESSION
+                    } else {
+                        phase::AWAIT_HELLO
+                    },
+                    tls: TlsState {
+                        suite: suite.iana(),
+                        rx_secret,
+                        tx_secret,
+                        rx_seq,
+                        tx_seq,
+                    },
+                    rx_pending: pending.map(|p| p.record.clone()).unwrap_or_default(),
+                    rx_plain: pending.map(|p| p.frames.clone()).unwrap_or_default(),
+                    tx_pending: pending.map(|p| p.tx.clone()).unwrap_or_default(),
+                },
+                fd,
+            ));
+        }
+        drop(conns);
+        snap.records = self.presence.borrow().export(Instant::now());
+        snap
+    }
+
+    /// Live hand-over committed, old process: let go of every connection.
+    /// Carried ones are closed without a word (the new process has them);
+    /// others get RECONNECT (when TLS is up) with a short jittered delay.
+    pub fn release_all(&self) {
+        use crate::upgrade::{RECONNECT_MAX_DELAY_MS, RECONNECT_MIN_DELAY_MS};
+        let entries: Vec<ConnEntry> = self.conns.borrow_mut().drain().collect();
+        let mut scratch = self.scratch.borrow_mut();
+        let Scratch { reply, out, .. } = &mut *scratch;
+        for e in entries {
+            match e.kind {
+                Kind::Session(mut s) => {
+                    let _ = self.poller.remove(s.fd.as_fd());
+                    if !s.carried {
+                        reply.clear();
+                        Frame::Reconnect {
+                            min_delay_ms: RECONNECT_MIN_DELAY_MS,
+                            max_delay_ms: RECONNECT_MAX_DELAY_MS,
+                        }
+                        .encode(reply);
+                        s.goodbye(reply, out);
+                    }
+                    // Dropping closes this process's descriptor only: no
+                    // shutdown(), so a carried connection stays open.
+                }
+                Kind::Handshake(Some(tx)) => {
+                    let _ = tx.send(ConnCmd::Shutdown);
+                }
+                Kind::Handshake(None) => {}
+            }
+        }
+    }
+
+    /// Live hand-over, new process: take over sessions at their old slab
+    /// keys and generations (the owners' references stay valid), before
+    /// serving starts.
+    pub fn adopt_handed(
+        &self,
+        handed: Vec<(crate::upgrade::manifest::ConnHandoff, OwnedFd)>,
+    ) -> Result<(), String> {
+        use crate::upgrade::manifest::phase;
+        let now = self.now_ms();
+        let mut max_gen = 0;
+        let mut entries = Vec::with_capacity(handed.len());
+        for (h, fd) in handed {
+            let suite = crate::lean::record::Suite::from_iana(h.tls.suite).ok_or_else(|| {
+                format!("connection {}: unknown suite {:#06x}", h.key, h.tls.suite)
+            })?;
+            let tls = LeanSession::new(
+                suite,
+                &h.tls.rx_secret,
+                h.tls.rx_seq,
+                &h.tls.tx_secret,
+                h.tls.tx_seq,
+            )
+            .map_err(|e| format!("connection {}: {e}", h.key))?;
+            let mut s = Session::new(fd, tls);
+            s.agent = h.agent.map(Into::into);
+            s.session_id = h.session_id;
+            if !(h.rx_pending.is_empty() && h.rx_plain.is_empty() && h.tx_pending.is_empty()) {
+                s.pending = Some(Box::new(crate::session::Pending {
+                    record: h.rx_pending,
+                    frames: h.rx_plain,
+                    tx: h.tx_pending,
+                }));
+            }
+            max_gen = max_gen.max(h.gen);
+            let phase = if h.phase == phase::SESSION {
+                Phase::Session
+            } else {
+                Phase::AwaitHello
+            };
+            entries.push((
+                h.key as usize,
+                ConnEntry {
+                    gen: h.gen,
+                    phase,
+                    accepted_ms: now.saturating_sub(h.accepted_age_ms),
+                    last_seen_ms: now.saturating_sub(h.last_seen_age_ms),
+                    wheel_tick: 0,
+                    kind: Kind::Session(Box::new(s)),
+                },
+            ));
+        }
+        let n = entries.len();
+        let slab: slab::Slab<ConnEntry> = entries.into_iter().collect();
+        if slab.len() != n {
+            return Err("two handed-over connections share a slab key".into());
+        }
+        *self.conns.borrow_mut() = slab;
+        self.next_gen.set(max_gen);
+        // Deadlines and readiness.
+        let keys: Vec<usize> = self.conns.borrow().iter().map(|(k, _)| k).collect();
+        for &key in &keys {
+            let mut conns = self.conns.borrow_mut();
+            let Some(e) = conns.get_mut(key) else {
+                continue;
+            };
+            let at = self.deadline_ms(e);
+            self.schedule(key, e, at);
+            let gen = e.gen;
+            if let Kind::Session(s) = &mut e.kind {
+                let want_write = s.pending_output() > 0;
+                s.want_write = want_write;
+                self.poller
+                    .add(s.fd.as_fd(), token(key, gen), want_write)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        // Input the old process had read but not acted on (it was frozen):
+        // act on it now, as no readiness event will announce it again.
+        for key in keys {
+            let gen = match self.conns.borrow().get(key) {
+                Some(e) => e.gen,
+                None => continue,
+            };
+            self.kick(key, gen);
+        }
+        Ok(())
+    }
+
+    /// Process input already held in a session's pending buffers.
+    fn kick(&self, key: usize, gen: u32) {
+        let steps = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(Kind::Session(s)) = conns
+                .get_mut(key)
+                .filter(|e| e.gen == gen)
+                .map(|e| &mut e.kind)
+            else {
+                return;
+            };
+            let Some(p) = s.pending.as_mut() else {
+                return;
+            };
+            let mut frames = std::mem::take(&mut p.frames);
+            let mut steps = Vec::new();
+            let mut scratch = self.scratch.borrow_mut();
+            let Scratch { plain, out, .. } = &mut *scratch;
+            out.clear();
+            let mut closing = false;
+            if !frames.is_empty() {
+                closing = s.split_early(&mut frames, &mut steps);
+            }
+            if !closing {
+                s.ingest(&mut [], plain, out, &mut steps);
+            }
+            if !out.is_empty() && !s.send(out) {
+                steps.push(Step::Closed);
+            }
+            steps
+        };
+        if !steps.is_empty() {
+            self.apply(key, gen, steps);
         }
     }
 

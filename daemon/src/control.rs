@@ -67,12 +67,25 @@ pub fn prepare_path(path: &Path) -> Result<(), ControlError> {
 }
 
 /// Bind the control socket: mode 0600, or 0660 owned by `group`.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<StdUnixListener, ControlError> {
+/// With `takeover` (a live upgrade) the path is taken from the process
+/// still answering on it, which keeps serving its already-open clients.
+pub fn bind_with(
+    path: &Path,
+    group: Option<&str>,
+    takeover: bool,
+) -> Result<StdUnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_owned(),
         source,
     };
-    prepare_path(path)?;
+    if takeover {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    } else {
+        prepare_path(path)?;
+    }
     let listener = StdUnixListener::bind(path).map_err(io)?;
     listener.set_nonblocking(true).map_err(io)?;
     let mode = match group {
@@ -93,18 +106,39 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<StdUnixListener, Control
     Ok(listener)
 }
 
+/// Bind the control socket (refusing a path a live daemon answers on).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<StdUnixListener, ControlError> {
+    bind_with(path, group, false)
+}
+
+/// Remove the socket file at exit, unless another process bound the path
+/// since (a live upgrade): compare the file with our listener's inode.
+pub fn remove_if_ours(path: &Path, listener_ino: Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(meta), Some(ino)) = (std::fs::metadata(path), listener_ino) {
+        if meta.ino() == ino {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A parsed request line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     Stats,
     Agent(String),
-    Events { from: Option<u64> },
+    Events {
+        from: Option<u64>,
+    },
     Ping,
     Metrics,
     Reload,
+    /// Hand everything to a new process (`upgrade [<binary>]`).
+    Upgrade(Option<PathBuf>),
 }
 
-const USAGE: &str = "try: stats, agent <id>, events [from <seq>], metrics, reload, ping";
+const USAGE: &str =
+    "try: stats, agent <id>, events [from <seq>], metrics, reload, upgrade [<binary>], ping";
 
 /// Parse one request line.
 pub fn parse_request(line: &str) -> Result<Request, String> {
@@ -114,6 +148,8 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         ["ping"] => Ok(Request::Ping),
         ["metrics"] => Ok(Request::Metrics),
         ["reload"] => Ok(Request::Reload),
+        ["upgrade"] => Ok(Request::Upgrade(None)),
+        ["upgrade", binary] => Ok(Request::Upgrade(Some(PathBuf::from(binary)))),
         ["agent", id] => {
             crate::protocol::validate_id(id.as_bytes()).map_err(|e| e.to_string())?;
             Ok(Request::Agent((*id).to_owned()))
@@ -295,6 +331,27 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
             let v = gather_stats(&shard).await;
             let text = crate::metrics::render(&v);
             write_bounded(&mut stream, text.as_bytes()).await;
+        }
+        Request::Upgrade(binary) => {
+            let binary = binary.unwrap_or_else(|| shard.rt.binary.clone());
+            info!(?peer, binary = %binary.display(), "upgrade requested on the control socket");
+            let report = crate::handoff::upgrade(&shard, &binary).await;
+            if report.ok {
+                info!(new_pid = ?report.new_pid, connections = report.connections, "upgrade done; this process exits");
+            } else {
+                warn!(error = ?report.error, "upgrade failed; still serving");
+            }
+            reply(
+                &mut stream,
+                &serde_json::to_value(&report).unwrap_or(Value::Null),
+            )
+            .await;
+            if report.ok {
+                shard
+                    .rt
+                    .shutdown
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         Request::Reload => {
             info!(?peer, "reload requested on the control socket");

@@ -28,6 +28,18 @@ impl Event {
     }
 }
 
+/// Event reasons are static strings; map a received one back.
+fn intern_reason(r: &str) -> &'static str {
+    match r {
+        "hello" => "hello",
+        "bye" => "bye",
+        "timeout" => "timeout",
+        "disconnect" => "disconnect",
+        "not_reconnected" => "not_reconnected",
+        _ => "unknown",
+    }
+}
+
 /// Why `events from <seq>` cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gap {
@@ -101,6 +113,41 @@ impl EventLog {
         }
         let skip = (from - oldest) as usize;
         Ok(self.ring.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    /// The ring, for a live hand-over.
+    pub fn export(&self) -> Vec<crate::upgrade::manifest::EventHandoff> {
+        self.ring
+            .iter()
+            .map(|e| crate::upgrade::manifest::EventHandoff {
+                seq: e.seq,
+                ts_ms: e.ts_ms,
+                agent: e.agent.to_string(),
+                state: e.state.to_owned(),
+                reason: e.reason.to_owned(),
+            })
+            .collect()
+    }
+
+    /// Take over an exported ring and its next seq (numbering continues).
+    pub fn restore(&mut self, events: Vec<crate::upgrade::manifest::EventHandoff>, next_seq: u64) {
+        for e in events {
+            if self.ring.len() == self.capacity {
+                self.ring.pop_front();
+            }
+            self.ring.push_back(Event {
+                seq: e.seq,
+                ts_ms: e.ts_ms,
+                agent: e.agent.into(),
+                state: if e.state == "online" {
+                    "online"
+                } else {
+                    "offline"
+                },
+                reason: intern_reason(&e.reason),
+            });
+        }
+        self.next_seq = next_seq.max(self.next_seq);
     }
 
     /// A doorbell rung after every publish (coalesced).

@@ -28,6 +28,10 @@ enum Command {
         /// Run on a development setup in ./presenced-dev (created if missing).
         #[arg(long)]
         dev: bool,
+        /// Take over from a running daemon over this inherited socket
+        /// (set by `presencectl upgrade`; not for direct use).
+        #[arg(long, hide = true)]
+        upgrade_fd: Option<i32>,
     },
     /// Write a working development setup (config, TLS cert and key, fleet key) into DIR.
     DevInit {
@@ -88,7 +92,11 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, dev } => {
+        Command::Serve {
+            config,
+            dev,
+            upgrade_fd,
+        } => {
             init_logging();
             let path = match (config, dev) {
                 (Some(p), false) => p,
@@ -102,7 +110,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 _ => bail!("serve needs --config FILE or --dev"),
             };
-            serve(&path)
+            serve(&path, upgrade_fd)
         }
         Command::DevInit { dir, force } => {
             devinit::dev_init(&dir, force)?;
@@ -173,7 +181,7 @@ fn init_logging() {
         .init();
 }
 
-fn serve(path: &Path) -> anyhow::Result<()> {
+fn serve(path: &Path, upgrade_fd: Option<i32>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // Files the daemon creates (control socket, state) are private by default.
     // SAFETY: umask has no preconditions; no other thread runs yet.
@@ -196,10 +204,53 @@ fn serve(path: &Path) -> anyhow::Result<()> {
     ) {
         tracing::warn!("{w}");
     }
-    let prepared = server::prepare(config, shutdown.clone(), reload)?;
+    let prepared = match presenced::upgrade::spawn::target_socket(upgrade_fd)? {
+        None => server::prepare(config, path, shutdown.clone(), reload)?,
+        Some(sock) => take_over(sock, config, path, shutdown.clone(), reload)?,
+    };
     server::run(prepared)?;
     if shutdown.load(Ordering::Relaxed) {
         tracing::info!("stopped");
     }
     Ok(())
+}
+
+/// Live upgrade, new process: receive everything from the old process
+/// before any shard starts, then serve it.
+fn take_over(
+    sock: std::os::unix::net::UnixStream,
+    config: Config,
+    path: &Path,
+    shutdown: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+) -> anyhow::Result<server::Prepared> {
+    use presenced::handoff::{DaemonTarget, STEP_TIMEOUT};
+    let mut target = DaemonTarget::new(config.clone());
+    let outcome = presenced::upgrade::machine::run_target(sock, &mut target, STEP_TIMEOUT)
+        .context("taking over from the running daemon")?;
+    tracing::info!(
+        from_pid = outcome.manifest.from_pid,
+        connections = outcome.connections,
+        records = outcome.records,
+        events = outcome.events,
+        "took over from the previous process"
+    );
+    let listen = target
+        .listeners
+        .first()
+        .and_then(server::bound_addr)
+        .context("handed-over listener has no address")?;
+    let listeners = std::mem::take(&mut target.listeners);
+    let adopted = std::mem::take(&mut target.adopted);
+    let material = target
+        .material
+        .take()
+        .context("handover ended without TLS material")?;
+    let control = target
+        .control
+        .take()
+        .context("handover ended without the control socket")?;
+    Ok(server::assemble(
+        config, path, shutdown, reload, material, listeners, listen, control, adopted,
+    )?)
 }

@@ -110,13 +110,16 @@ const GAUGES: [(&str, &str, &str); 7] = [
     ),
 ];
 
+/// Label pairs of one sample, in output order.
+type Labels = Vec<(&'static str, String)>;
+
 /// One metric family: HELP, TYPE and its samples, emitted together.
 struct Family {
     name: String,
     help: &'static str,
     kind: &'static str,
     /// (name suffix, labels, value)
-    samples: Vec<(&'static str, Vec<(&'static str, String)>, String)>,
+    samples: Vec<(&'static str, Labels, String)>,
 }
 
 impl Family {
@@ -129,16 +132,11 @@ impl Family {
         }
     }
 
-    fn push(&mut self, labels: Vec<(&'static str, String)>, value: impl Into<String>) {
+    fn push(&mut self, labels: Labels, value: impl Into<String>) {
         self.samples.push(("", labels, value.into()));
     }
 
-    fn push_suffixed(
-        &mut self,
-        suffix: &'static str,
-        labels: Vec<(&'static str, String)>,
-        value: impl Into<String>,
-    ) {
+    fn push_suffixed(&mut self, suffix: &'static str, labels: Labels, value: impl Into<String>) {
         self.samples.push((suffix, labels, value.into()));
     }
 

@@ -254,6 +254,75 @@ impl PresenceTable {
         }
     }
 
+    /// Every record, for a live hand-over to a new process.
+    pub fn export(&self, now: Instant) -> Vec<crate::upgrade::manifest::PresenceRecordHandoff> {
+        let now_rel = now.saturating_duration_since(self.origin).as_millis() as u64;
+        self.records
+            .iter()
+            .map(|(id, r)| crate::upgrade::manifest::PresenceRecordHandoff {
+                agent: id.to_string(),
+                state: match r.state {
+                    State::Online => "online",
+                    State::Grace => "grace",
+                    State::Offline => "offline",
+                }
+                .into(),
+                since_ms: r.since_ms,
+                last_seen_ms: r.last_seen_ms,
+                session: r.session,
+                grace_remaining_ms: (r.state == State::Grace)
+                    .then(|| r.grace_until_ms.saturating_sub(now_rel)),
+                offline_reason: r.offline_reason.map(|x| x.as_str().to_owned()),
+                conn: r.conn.map(|c| (c.shard, c.key, c.gen)),
+            })
+            .collect()
+    }
+
+    /// Take over records exported by [`PresenceTable::export`] (a new
+    /// process after a live hand-over): no events, grace timers resumed.
+    pub fn restore(
+        &mut self,
+        records: Vec<crate::upgrade::manifest::PresenceRecordHandoff>,
+        now: Instant,
+    ) {
+        for h in records {
+            let state = match h.state.as_str() {
+                "online" => State::Online,
+                "grace" => State::Grace,
+                _ => State::Offline,
+            };
+            let offline_reason = match h.offline_reason.as_deref() {
+                Some("bye") => Some(OfflineReason::Bye),
+                Some("timeout") => Some(OfflineReason::Timeout),
+                Some(_) => Some(OfflineReason::Disconnect),
+                None => None,
+            };
+            let mut rec = Record {
+                since_ms: h.since_ms,
+                last_seen_ms: h.last_seen_ms,
+                session: h.session,
+                grace_until_ms: 0,
+                conn: h.conn.map(|(shard, key, gen)| ConnRef { shard, key, gen }),
+                state,
+                offline_reason,
+            };
+            match state {
+                State::Online => self.online += 1,
+                State::Grace => {
+                    self.in_grace += 1;
+                    let until = now + Duration::from_millis(h.grace_remaining_ms.unwrap_or(0));
+                    rec.grace_until_ms =
+                        until.saturating_duration_since(self.origin).as_millis() as u64;
+                    rec.conn = None;
+                    self.grace
+                        .insert(until, (h.agent.as_str().into(), h.session));
+                }
+                State::Offline => {}
+            }
+            self.records.insert(h.agent.into(), rec);
+        }
+    }
+
     /// Grace periods that ended by `now` turn into `offline` (reason `disconnect`).
     pub fn expire(&mut self, now: Instant, now_ms: u64, out: &mut Vec<Transition>) {
         let records = &mut self.records;
@@ -358,6 +427,32 @@ mod tests {
         assert_eq!(tr.reason, "timeout");
         assert_eq!(t.gone("b", 1, GoneReason::Shutdown, 0, 90, o), None);
         assert_eq!(t.get("b").unwrap().state, State::Online);
+    }
+
+    #[test]
+    fn export_and_restore_keep_state_without_events() {
+        let (mut t, o) = table();
+        t.hello("on", 1, C1, 10);
+        t.hello("gr", 2, C2, 10);
+        t.gone("gr", 2, GoneReason::Disconnect, 10, 20, o);
+        t.hello("off", 3, C1, 10);
+        t.gone("off", 3, GoneReason::Bye, 10, 20, o);
+        let exported = t.export(o);
+        let (mut u, o2) = table();
+        u.restore(exported, o2);
+        assert_eq!((u.online(), u.in_grace(), u.len()), (2, 1, 3));
+        assert_eq!(u.get("on").unwrap().conn, Some(C1));
+        assert_eq!(
+            u.get("off").unwrap().offline_reason,
+            Some(OfflineReason::Bye)
+        );
+        // A superseding HELLO still finds the old connection.
+        assert_eq!(u.hello("on", 9, C2, 30).supersede, Some(C1));
+        // Grace resumes and ends with `disconnect`.
+        let mut ev = vec![];
+        u.expire(o2 + Duration::from_millis(500), 500, &mut ev);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].agent.as_ref(), ev[0].reason), ("gr", "disconnect"));
     }
 
     #[test]

@@ -14,6 +14,15 @@ use crate::config::Config;
 
 pub struct Runtime {
     pub config: Config,
+    /// The config file this process runs with (an upgrade reuses it).
+    pub config_path: std::path::PathBuf,
+    /// The binary this process was started from (default upgrade target).
+    pub binary: std::path::PathBuf,
+    /// The shards' listening descriptors (for a live hand-over).
+    listener_fds: Mutex<Vec<i32>>,
+    /// CPUs the process could use at start (before shards pinned threads):
+    /// a new binary started by an upgrade gets the same.
+    pub startup_cpus: Mutex<Vec<usize>>,
     tls: RwLock<Arc<ServerConfig>>,
     fleet_key: RwLock<FleetKey>,
     /// The address actually bound (port 0 resolved).
@@ -47,6 +56,10 @@ impl Runtime {
     ) -> Self {
         Self {
             config,
+            config_path: std::path::PathBuf::new(),
+            binary: std::env::current_exe().unwrap_or_default(),
+            listener_fds: Mutex::new(Vec::new()),
+            startup_cpus: Mutex::new(Vec::new()),
             tls: RwLock::new(tls),
             fleet_key: RwLock::new(fleet_key),
             listen,
@@ -117,6 +130,17 @@ impl Runtime {
             Ok(mut g) => *g = tls,
             Err(poisoned) => *poisoned.into_inner() = tls,
         }
+    }
+
+    pub fn set_listener_fds(&self, fds: Vec<i32>) {
+        *self.listener_fds.lock().unwrap_or_else(|p| p.into_inner()) = fds;
+    }
+
+    pub fn listener_fds(&self) -> Vec<i32> {
+        self.listener_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn shard_ready(&self) {

@@ -83,7 +83,7 @@ pub fn bind_listeners(
 
 /// The CPUs this process may run on (its affinity mask, which honours
 /// cpusets and `taskset`), in order.
-fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
         Ok(set) => (0..nix::sched::CpuSet::count())
             .filter(|c| set.is_set(*c).unwrap_or(false))
@@ -97,35 +97,81 @@ pub struct Prepared {
     pub runtime: Arc<Runtime>,
     pub listeners: Vec<OwnedFd>,
     pub control: std::os::unix::net::UnixListener,
+    /// Per shard: what a live upgrade handed over (empty on a fresh start).
+    pub adopted: Vec<shard::Adopted>,
 }
 
 /// Load TLS material and the fleet key, bind listeners and check the control socket path.
 pub fn prepare(
     config: Config,
+    config_path: &std::path::Path,
     shutdown: Arc<AtomicBool>,
     reload_requested: Arc<AtomicBool>,
 ) -> Result<Prepared, ServerError> {
-    let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
-    let fleet_key = FleetKey::load(&config.auth.fleet_key)?;
+    let material = Material::load(&config)?;
     let shards = config.shard_count();
     let (listeners, listen) = bind_listeners(config.server.listen, shards, config.server.backlog)?;
     let control = crate::control::bind(
         &config.server.control_socket,
         config.server.control_group.as_deref(),
     )?;
-    let runtime = Arc::new(Runtime::new(
+    assemble(
         config,
-        tls,
-        fleet_key,
-        listen,
+        config_path,
         shutdown,
         reload_requested,
-    ));
+        material,
+        listeners,
+        listen,
+        control,
+        Vec::new(),
+    )
+}
+
+/// TLS configuration and fleet key, loaded and checked.
+pub struct Material {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub fleet_key: FleetKey,
+}
+
+impl Material {
+    pub fn load(config: &Config) -> Result<Self, ServerError> {
+        Ok(Self {
+            tls: crate::tls::server_config(&config.tls.cert, &config.tls.key)?,
+            fleet_key: FleetKey::load(&config.auth.fleet_key)?,
+        })
+    }
+}
+
+/// Put together what `run` needs from parts already loaded and bound (a
+/// live upgrade hands over listeners and state).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble(
+    config: Config,
+    config_path: &std::path::Path,
+    shutdown: Arc<AtomicBool>,
+    reload_requested: Arc<AtomicBool>,
+    material: Material,
+    listeners: Vec<OwnedFd>,
+    listen: SocketAddr,
+    control: std::os::unix::net::UnixListener,
+    adopted: Vec<shard::Adopted>,
+) -> Result<Prepared, ServerError> {
+    let Material { tls, fleet_key } = material;
+    let mut runtime = Runtime::new(config, tls, fleet_key, listen, shutdown, reload_requested);
+    runtime.config_path =
+        std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
     Ok(Prepared {
-        runtime,
+        runtime: Arc::new(runtime),
         listeners,
         control,
+        adopted,
     })
+}
+
+/// The address a listening descriptor is bound to.
+pub fn bound_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
 }
 
 /// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
@@ -134,10 +180,28 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         runtime,
         listeners,
         control,
+        adopted,
     } = prepared;
+    let control_ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&runtime.config.server.control_socket)
+            .ok()
+            .map(|m| m.ino())
+    };
     let mut control = Some(control);
+    let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
+    runtime.set_listener_fds(
+        listeners
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect(),
+    );
     let shards = listeners.len();
     let cpus = allowed_cpus();
+    *runtime
+        .startup_cpus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = cpus.clone();
     info!(listen = %runtime.listen, shards, "presenced listening");
     if let Some(addr) = runtime.config.metrics.listen {
         crate::metrics_http::spawn(addr, runtime.config.server.control_socket.clone())
@@ -153,6 +217,10 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         };
         let rt = runtime.clone();
         let mesh = mesh.clone();
+        let adoption = adopted
+            .get_mut(id)
+            .and_then(Option::take)
+            .unwrap_or_default();
         let control = if id == shard::EVENT_SHARD {
             control.take()
         } else {
@@ -161,7 +229,7 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(runtime.config.server.io_memory_kib * 1024)
-            .spawn(move || shard::run(id, rt, mesh, fd, control))
+            .spawn(move || shard::run(id, rt, mesh, fd, control, adoption))
             .map_err(|e| ServerError::Executor {
                 shard: id,
                 reason: e.to_string(),
@@ -174,6 +242,6 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
             result = Err(ServerError::ShardPanicked { shard: id });
         }
     }
-    let _ = std::fs::remove_file(&runtime.config.server.control_socket);
+    crate::control::remove_if_ours(&runtime.config.server.control_socket, control_ino);
     result
 }

@@ -48,6 +48,8 @@ pub struct Session {
     pub pending: Option<Box<Pending>>,
     /// EPOLLOUT is armed.
     pub want_write: bool,
+    /// Described in a live hand-over: the new process owns it now.
+    pub carried: bool,
 }
 
 /// What a batch of input asks the shard to do.
@@ -82,6 +84,7 @@ impl Session {
             session_id: 0,
             pending: None,
             want_write: false,
+            carried: false,
         }
     }
 

@@ -63,7 +63,9 @@ pub enum ShardMsg {
         ts_ms: u64,
     },
     /// Owner -> connection shard: send ERROR 5 and close.
-    Supersede { conn: ConnRef },
+    Supersede {
+        conn: ConnRef,
+    },
     /// Owner -> event shard: number and publish.
     Publish(Transition),
     /// Control -> owner.
@@ -81,6 +83,36 @@ pub enum ShardMsg {
     Stats {
         reply: oneshot::Sender<ShardSnapshot>,
     },
+    /// Live hand-over: stop accepting, applying frames, deadlines.
+    Freeze {
+        reply: oneshot::Sender<()>,
+    },
+    /// Live hand-over: make sure every message this shard sent earlier has
+    /// been handled (pings every peer through the same channels).
+    Barrier {
+        reply: oneshot::Sender<()>,
+    },
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
+    /// Live hand-over: describe this shard's sessions and records.
+    Quiesce {
+        reply: oneshot::Sender<crate::upgrade::machine::ShardSnapshot>,
+    },
+    /// Live hand-over failed: serve again.
+    Thaw,
+    /// Live hand-over committed: let go of every connection and listener.
+    Release {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the accept loop is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptCtl {
+    Pause,
+    Resume,
+    Stop,
 }
 
 /// Routes messages to shards: to itself through a local queue, to peers
@@ -122,6 +154,8 @@ pub struct Shard {
     router: Router,
     pub(crate) next_gen: Cell<u32>,
     shutting_down: Cell<bool>,
+    frozen: Cell<bool>,
+    accept_ctl: LocalSender<AcceptCtl>,
 }
 
 impl Shard {
@@ -218,6 +252,42 @@ impl Shard {
             ShardMsg::Stats { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            ShardMsg::Freeze { reply } => {
+                self.frozen.set(true);
+                let _ = self.accept_ctl.try_send(AcceptCtl::Pause);
+                let _ = reply.send(());
+            }
+            ShardMsg::Barrier { reply } => {
+                let pings: Vec<_> = (0..self.nshards)
+                    .map(|peer| {
+                        let (tx, rx) = oneshot::channel();
+                        self.router.send(peer, ShardMsg::Ping { reply: tx });
+                        rx
+                    })
+                    .collect();
+                glommio::spawn_local(async move {
+                    for p in pings {
+                        let _ = p.await;
+                    }
+                    let _ = reply.send(());
+                })
+                .detach();
+            }
+            ShardMsg::Ping { reply } => {
+                let _ = reply.send(());
+            }
+            ShardMsg::Quiesce { reply } => {
+                let _ = reply.send(self.quiesce());
+            }
+            ShardMsg::Thaw => {
+                self.frozen.set(false);
+                let _ = self.accept_ctl.try_send(AcceptCtl::Resume);
+            }
+            ShardMsg::Release { reply } => {
+                let _ = self.accept_ctl.try_send(AcceptCtl::Stop);
+                self.release_all();
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -272,6 +342,26 @@ impl Shard {
         self.close_all();
     }
 
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.get()
+    }
+
+    /// Ask `shard` something and get the answer (hand-over steps).
+    pub fn ask<T>(
+        &self,
+        shard: usize,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        self.router.send(shard, make(tx));
+        rx
+    }
+
+    /// Tell `shard` something.
+    pub fn tell(&self, shard: usize, msg: ShardMsg) {
+        self.router.send(shard, msg);
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.get()
     }
@@ -297,6 +387,7 @@ pub async fn run(
     mesh: FullMesh<ShardMsg>,
     listener: OwnedFd,
     control: Option<std::os::unix::net::UnixListener>,
+    mut adopted: Adopted,
 ) {
     let nshards = mesh.nr_peers();
     let (senders, mut receivers): (Senders<ShardMsg>, Receivers<ShardMsg>) = match mesh.join().await
@@ -322,6 +413,7 @@ pub async fn run(
     }
     let origin = Instant::now();
     let tick = wheel_tick(&rt);
+    let (accept_tx, accept_rx) = local_channel::new_unbounded::<AcceptCtl>();
     let poller = match Poller::new() {
         Ok(p) => p,
         Err(e) => {
@@ -352,8 +444,31 @@ pub async fn run(
         },
         next_gen: Cell::new(0),
         shutting_down: Cell::new(false),
+        frozen: Cell::new(false),
+        accept_ctl: accept_tx,
         rt,
     });
+    if !adopted.conns.is_empty() {
+        let n = adopted.conns.len();
+        if let Err(e) = shard.adopt_handed(std::mem::take(&mut adopted.conns)) {
+            warn!(shard = id, "cannot adopt handed-over connections: {e}");
+        } else {
+            info!(
+                shard = id,
+                connections = n,
+                "adopted handed-over connections"
+            );
+        }
+    }
+    if !adopted.records.is_empty() {
+        shard
+            .presence
+            .borrow_mut()
+            .restore(std::mem::take(&mut adopted.records), Instant::now());
+    }
+    if let (Some(log), Some((events, next_seq))) = (&shard.events, adopted.events.take()) {
+        log.borrow_mut().restore(events, next_seq);
+    }
 
     // Mesh plumbing: outboxes drain into the mesh; inbound messages are handled.
     for (peer, rx) in outbox_rxs {
@@ -385,8 +500,8 @@ pub async fn run(
         use std::os::fd::FromRawFd;
         TcpListener::from_raw_fd(listener.into_raw_fd())
     };
-    let (stop_tx, stop_rx) = local_channel::new_bounded::<()>(1);
-    let accept_task = glommio::spawn_local(accept_loop(shard.clone(), listener, stop_rx)).detach();
+    let accept_task =
+        glommio::spawn_local(accept_loop(shard.clone(), listener, accept_rx)).detach();
     let sessions_task = glommio::spawn_local(shard.clone().serve_sessions()).detach();
 
     if let Some(control) = control {
@@ -408,14 +523,16 @@ pub async fn run(
     let mut transitions = Vec::new();
     loop {
         sleep(tick).await;
-        shard.on_tick(&mut fired, &mut transitions);
+        if !shard.is_frozen() {
+            shard.on_tick(&mut fired, &mut transitions);
+        }
         if shard.rt.shutdown.load(Ordering::Relaxed) {
             break;
         }
     }
 
     // Shutdown: stop accepting, ask every connection to close, wait briefly.
-    let _ = stop_tx.try_send(());
+    let _ = shard.accept_ctl.try_send(AcceptCtl::Stop);
     accept_task.await;
     shard.begin_shutdown();
     sessions_task.await;
@@ -470,11 +587,26 @@ async fn forward(peer: usize, rx: LocalReceiver<ShardMsg>, senders: Rc<Senders<S
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: LocalReceiver<()>) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, ctl: LocalReceiver<AcceptCtl>) {
     let mut last_warn: Option<Instant> = None;
+    let mut paused = false;
     loop {
+        if paused {
+            // Nothing is pending on the listener: new connections wait in
+            // the kernel's accept queue (or for the process taking over).
+            match ctl.recv().await {
+                Some(AcceptCtl::Resume) => paused = false,
+                Some(AcceptCtl::Pause) => {}
+                Some(AcceptCtl::Stop) | None => break,
+            }
+            continue;
+        }
         let accepted = futures::select_biased! {
-            _ = stop.recv().fuse() => break,
+            c = ctl.recv().fuse() => match c {
+                Some(AcceptCtl::Pause) => { paused = true; continue; }
+                Some(AcceptCtl::Resume) => continue,
+                Some(AcceptCtl::Stop) | None => break,
+            },
             r = listener.accept().fuse() => r,
         };
         let stream = match accepted {
@@ -498,4 +630,13 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: LocalReceive
         let (key, gen, cmd) = shard.register();
         glommio::spawn_local(conn::serve(shard.clone(), stream, key, gen, cmd)).detach();
     }
+}
+
+/// What a shard of a new process takes over from the old one.
+#[derive(Default)]
+pub struct Adopted {
+    pub conns: Vec<(crate::upgrade::manifest::ConnHandoff, OwnedFd)>,
+    pub records: Vec<crate::upgrade::manifest::PresenceRecordHandoff>,
+    /// Shard 0: the event ring and its next seq.
+    pub events: Option<(Vec<crate::upgrade::manifest::EventHandoff>, u64)>,
 }

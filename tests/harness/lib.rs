@@ -106,6 +106,8 @@ pub struct Daemon {
     pub fleet_key: FleetKey,
     pub ca: PathBuf,
     pub log: PathBuf,
+    /// Processes that took over by a live upgrade (killed on drop too).
+    pub successors: std::sync::Mutex<Vec<u32>>,
 }
 
 pub fn config_text(o: &Options) -> String {
@@ -170,7 +172,11 @@ impl Daemon {
         let child = Command::new(bin("presenced"))
             .args(["serve", "--config"])
             .arg(dir.path().join("presenced.toml"))
-            .env("RUST_LOG", std::env::var("PRESENCED_TEST_LOG").unwrap_or_else(|_| "info,presenced=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PRESENCED_TEST_LOG")
+                    .unwrap_or_else(|_| "info,presenced=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
@@ -187,6 +193,7 @@ impl Daemon {
             fleet_key,
             ca,
             log,
+            successors: std::sync::Mutex::new(Vec::new()),
         };
         d.addr = d.wait_ready(Duration::from_secs(20));
         d
@@ -339,6 +346,40 @@ pub fn signal(pid: u32, sig: Signal) -> nix::Result<()> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        let pids = self
+            .successors
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        for pid in pids {
+            let _ = signal(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Daemon {
+    /// `upgrade [binary]` on the control socket; remembers the new pid so
+    /// it is cleaned up with this daemon.
+    pub fn upgrade(&self, binary: Option<&Path>) -> Value {
+        let cmd = match binary {
+            Some(b) => format!("upgrade {}", b.display()),
+            None => "upgrade".to_owned(),
+        };
+        let v = self.control_json(&cmd);
+        if let Some(pid) = v["new_pid"].as_u64() {
+            if let Ok(mut s) = self.successors.lock() {
+                s.push(pid as u32);
+            }
+        }
+        v
+    }
+
+    /// Whether the process that was spawned first still runs.
+    pub fn original_alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
     }
 }
 
@@ -442,6 +483,7 @@ impl Daemon {
             fleet_key,
             ca,
             log,
+            successors: std::sync::Mutex::new(Vec::new()),
         };
         d.addr = d.wait_ready(Duration::from_secs(20));
         d

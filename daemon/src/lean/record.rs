@@ -80,6 +80,25 @@ pub enum Suite {
 }
 
 impl Suite {
+    /// The IANA cipher suite id.
+    pub fn iana(self) -> u16 {
+        match self {
+            Self::Aes128GcmSha256 => 0x1301,
+            Self::Aes256GcmSha384 => 0x1302,
+            Self::Chacha20Poly1305Sha256 => 0x1303,
+        }
+    }
+
+    /// The suite with this IANA id, if this layer implements it.
+    pub fn from_iana(id: u16) -> Option<Self> {
+        match id {
+            0x1301 => Some(Self::Aes128GcmSha256),
+            0x1302 => Some(Self::Aes256GcmSha384),
+            0x1303 => Some(Self::Chacha20Poly1305Sha256),
+            _ => None,
+        }
+    }
+
     /// The suite rustls negotiated, if this layer implements it.
     pub fn from_rustls(suite: rustls::CipherSuite) -> Option<Self> {
         match suite {
@@ -496,6 +515,26 @@ impl LeanSession {
 
     pub fn suite(&self) -> Suite {
         self.suite
+    }
+
+    /// Whether this state can be carried to another process: no KeyUpdate
+    /// half received, nothing failed or closed.
+    pub fn transferable(&self) -> bool {
+        self.hs_len == 0 && self.flags == 0
+    }
+
+    /// The current traffic secrets and next sequence numbers, for a live
+    /// hand-over: `(suite, rx_secret, rx_seq, tx_secret, tx_seq)`.
+    /// [`LeanSession::new`] rebuilds the same session from them.
+    pub fn export(&self) -> (Suite, Vec<u8>, u64, Vec<u8>, u64) {
+        let n = self.suite.hash_len();
+        (
+            self.suite,
+            self.rx.secret[..n].to_vec(),
+            self.rx.seq,
+            self.tx.secret[..n].to_vec(),
+            self.tx.seq,
+        )
     }
 
     /// Sequence number of the next record we will open.

@@ -244,6 +244,12 @@ impl TlsState {
 pub struct ConnHandoff {
     /// The shard that accepted it (the shard being transferred).
     pub shard: u16,
+    /// Slab key and generation on that shard: kept across the hand-over so
+    /// the owner shards' references to the connection stay valid.
+    #[serde(default)]
+    pub key: u32,
+    #[serde(default)]
+    pub gen: u32,
     /// Agent id after HELLO (`phase::SESSION`), `None` before.
     pub agent: Option<String>,
     /// Session id after HELLO, 0 before.
@@ -312,6 +318,9 @@ pub struct PresenceRecordHandoff {
     /// Time left in grace; `Some` exactly when `state == "grace"`.
     pub grace_remaining_ms: Option<u64>,
     pub offline_reason: Option<String>,
+    /// The connection of an online agent: (shard, slab key, generation).
+    #[serde(default)]
+    pub conn: Option<(u16, u32, u32)>,
 }
 
 impl PresenceRecordHandoff {
@@ -448,6 +457,8 @@ mod tests {
     fn conn_roundtrip_hex_and_no_secret_in_debug() {
         let c = ConnHandoff {
             shard: 3,
+            key: 0,
+            gen: 0,
             agent: Some("laptop-42".into()),
             session_id: 99,
             last_seen_age_ms: 1200,
@@ -534,6 +545,7 @@ mod tests {
             session: 3,
             grace_remaining_ms: Some(5000),
             offline_reason: None,
+            conn: None,
         };
         r.validate(owner, shards).unwrap();
         assert!(r

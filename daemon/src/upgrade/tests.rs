@@ -95,6 +95,7 @@ fn agents(shards: usize, n: usize) -> Vec<Vec<PresenceRecordHandoff>> {
             session: i as u64,
             grace_remaining_ms: grace.then_some(30_000),
             offline_reason: None,
+            conn: None,
         });
     }
     out
@@ -140,6 +141,8 @@ impl FakeSource {
             let shard = i % shards;
             let c = ConnHandoff {
                 shard: shard as u16,
+                key: 0,
+                gen: 0,
                 agent: Some(format!("agent-{i}")),
                 session_id: i as u64,
                 last_seen_age_ms: 10 * i as u64,
