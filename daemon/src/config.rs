@@ -41,6 +41,60 @@ pub struct Config {
     pub presence: PresenceConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub guard: crate::guard::GuardConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+}
+
+/// `[state]`: where presence survives crashes and restarts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// State directory (0700): presence snapshots and logs, event seq,
+    /// TLS ticket keys, held guard events.
+    pub dir: PathBuf,
+    /// How often changes are written and fsync'd (the crash window).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// After an unplanned restart, agents that were online stay presumed
+    /// online this long; those not back by then go offline `not_reconnected`.
+    #[serde(with = "humantime_serde")]
+    pub restart_grace: Duration,
+    /// Rewrite the snapshot once the log holds this many changes.
+    pub compact_after_entries: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/presenced"),
+            flush_interval: Duration::from_secs(1),
+            restart_grace: Duration::from_secs(120),
+            compact_after_entries: 100_000,
+        }
+    }
+}
+
+/// `[admission]`: how many TLS handshakes a shard takes on at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Handshakes in progress per shard; more are closed before TLS.
+    pub max_concurrent_handshakes: usize,
+    /// New handshakes started per second per shard; more are closed before TLS.
+    pub max_handshakes_per_sec: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_handshakes: 512,
+            max_handshakes_per_sec: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -168,6 +222,7 @@ impl Config {
             &mut cfg.tls.key,
             &mut cfg.auth.fleet_key,
             &mut cfg.server.control_socket,
+            &mut cfg.state.dir,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -212,6 +267,21 @@ impl Config {
                 "server.io_memory_kib",
                 "glommio needs at least 512 KiB",
             ));
+        }
+        if let Err(reason) = self.guard.validate() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "guard",
+                reason,
+            });
+        }
+        if self.state.flush_interval.is_zero() {
+            return Err(invalid("state.flush_interval", "must be greater than 0"));
+        }
+        if self.admission.max_concurrent_handshakes == 0
+            || self.admission.max_handshakes_per_sec == 0
+        {
+            return Err(invalid("admission", "limits must be at least 1"));
         }
         if self.server.shards > 1024 {
             return Err(invalid("server.shards", "at most 1024 shards"));

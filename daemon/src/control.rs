@@ -135,6 +135,10 @@ pub enum Request {
     Reload,
     /// Hand everything to a new process (`upgrade [<binary>]`).
     Upgrade(Option<PathBuf>),
+    /// The mass-offline guard: status and held events.
+    Guard,
+    /// Release held events (all, or one agent's).
+    GuardRelease(Option<String>),
 }
 
 const USAGE: &str =
@@ -148,6 +152,9 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         ["ping"] => Ok(Request::Ping),
         ["metrics"] => Ok(Request::Metrics),
         ["reload"] => Ok(Request::Reload),
+        ["guard"] => Ok(Request::Guard),
+        ["guard", "release"] => Ok(Request::GuardRelease(None)),
+        ["guard", "release", id] => Ok(Request::GuardRelease(Some((*id).to_owned()))),
         ["upgrade"] => Ok(Request::Upgrade(None)),
         ["upgrade", binary] => Ok(Request::Upgrade(Some(PathBuf::from(binary)))),
         ["agent", id] => {
@@ -332,6 +339,28 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
             let text = crate::metrics::render(&v);
             write_bounded(&mut stream, text.as_bytes()).await;
         }
+        Request::Guard => {
+            let v = match &shard.guard {
+                Some(g) => {
+                    let g = g.borrow();
+                    json!({
+                        "status": g.status(crate::runtime::wall_ms()),
+                        "held": g.held_list(1000),
+                    })
+                }
+                None => json!({"error": "the guard runs on the event shard"}),
+            };
+            reply(&mut stream, &v).await;
+        }
+        Request::GuardRelease(agent) => {
+            info!(
+                ?peer,
+                ?agent,
+                "guard release requested on the control socket"
+            );
+            let n = shard.guard_release(agent.as_deref());
+            reply(&mut stream, &json!({"ok": true, "released": n})).await;
+        }
         Request::Upgrade(binary) => {
             let binary = binary.unwrap_or_else(|| shard.rt.binary.clone());
             info!(?peer, binary = %binary.display(), "upgrade requested on the control socket");
@@ -393,6 +422,25 @@ pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
             (l.next_seq(), l.oldest_seq())
         })
         .unwrap_or((0, 0));
+    let events_by_reason: serde_json::Map<String, Value> = shard
+        .events
+        .as_ref()
+        .map(|l| {
+            l.borrow()
+                .by_reason()
+                .iter()
+                .map(|((on, r), n)| {
+                    (
+                        format!("{}:{r}", if *on { "online" } else { "offline" }),
+                        json!(n),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let guard = shard.guard.as_ref().map(|g| {
+        serde_json::to_value(g.borrow().status(crate::runtime::wall_ms())).unwrap_or(Value::Null)
+    });
     let rt = &shard.rt;
     json!({
         "pid": std::process::id(),
@@ -418,6 +466,10 @@ pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
         "events_next_seq": next_seq,
         "events_oldest_seq": oldest_seq,
         "reload": rt.reload_status(),
+        "events_by_reason": events_by_reason,
+        "presumed_online": sum(|s| s.presumed_online),
+        "state": per_shard.iter().map(|s| s.state.as_ref().map(|st| st.presence)).collect::<Vec<_>>(),
+        "guard": guard,
         "rss_bytes": crate::stats::rss_bytes(),
         "heap_bytes": crate::stats::heap_bytes(),
         "per_shard": per_shard,

@@ -18,6 +18,8 @@ pub const CERT_FILE: &str = "tls/cert.pem";
 pub const KEY_FILE: &str = "tls/key.pem";
 pub const FLEET_KEY_FILE: &str = "fleet.key";
 pub const CONTROL_SOCKET_FILE: &str = "control.sock";
+/// State directory (presence persistence, ticket keys) inside DIR.
+pub const STATE_DIR: &str = "state";
 /// Address the dev setup listens on.
 pub const DEV_LISTEN: &str = "127.0.0.1:7443";
 
@@ -72,6 +74,9 @@ fleet_key = "{FLEET_KEY_FILE}"
 heartbeat_interval = "30s"
 miss_limit = 3
 offline_grace = "60s"
+
+[state]
+dir = "{STATE_DIR}"
 "#
     )
 }

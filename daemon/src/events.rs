@@ -54,6 +54,7 @@ pub struct EventLog {
     capacity: usize,
     next_seq: u64,
     doorbells: Vec<LocalSender<()>>,
+    by_reason: std::collections::BTreeMap<(bool, &'static str), u64>,
 }
 
 impl EventLog {
@@ -63,12 +64,18 @@ impl EventLog {
             capacity,
             next_seq: first_seq.max(1),
             doorbells: Vec::new(),
+            by_reason: Default::default(),
         }
     }
 
     /// The seq the next event will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Events published since start, by (online, reason).
+    pub fn by_reason(&self) -> &std::collections::BTreeMap<(bool, &'static str), u64> {
+        &self.by_reason
     }
 
     /// Oldest seq still held (== next_seq when empty).
@@ -80,6 +87,7 @@ impl EventLog {
     pub fn publish(&mut self, t: Transition) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        *self.by_reason.entry((t.online, t.reason)).or_insert(0) += 1;
         if self.ring.len() == self.capacity {
             self.ring.pop_front();
         }

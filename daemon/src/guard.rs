@@ -105,6 +105,10 @@ pub struct GuardConfig {
     /// held events are released.
     #[serde(with = "humantime_serde")]
     pub release_quiet: Duration,
+    /// Also hold `bye` offlines during a surge. Off by default: BYE is the
+    /// agent itself saying it stops, never a server or network artefact
+    /// (a fleet-wide patch reboot is real).
+    pub hold_bye: bool,
 }
 
 impl Default for GuardConfig {
@@ -115,6 +119,7 @@ impl Default for GuardConfig {
             threshold_share: 0.05,
             min_offline: 20,
             release_quiet: Duration::from_secs(60),
+            hold_bye: false,
         }
     }
 }
@@ -364,6 +369,9 @@ impl MassOfflineGuard {
         online_fleet: u64,
     ) -> Verdict {
         self.online_fleet = online_fleet;
+        if t.reason == "bye" && !self.cfg.hold_bye {
+            return Verdict::Publish;
+        }
         if !(self.drop_feed && t.reason == "disconnect") {
             self.window.add(now_ms, 1);
         }

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod conns;
 pub mod control;
 pub mod devinit;
+pub mod durable;
 pub mod events;
 pub mod guard;
 pub mod handoff;

@@ -48,8 +48,14 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
-/// The watchdog interval systemd expects pings within (WATCHDOG_USEC), if any.
+/// The watchdog interval systemd expects pings within (WATCHDOG_USEC), if
+/// any. As systemd: a WATCHDOG_PID, when set, must be this process.
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }

@@ -68,6 +68,8 @@ pub enum OfflineReason {
     Bye,
     Timeout,
     Disconnect,
+    /// Presumed online after a restart, and not back within restart_grace.
+    NotReconnected,
 }
 
 impl OfflineReason {
@@ -76,6 +78,7 @@ impl OfflineReason {
             OfflineReason::Bye => "bye",
             OfflineReason::Timeout => "timeout",
             OfflineReason::Disconnect => "disconnect",
+            OfflineReason::NotReconnected => "not_reconnected",
         }
     }
 }
@@ -294,6 +297,7 @@ impl PresenceTable {
             let offline_reason = match h.offline_reason.as_deref() {
                 Some("bye") => Some(OfflineReason::Bye),
                 Some("timeout") => Some(OfflineReason::Timeout),
+                Some("not_reconnected") => Some(OfflineReason::NotReconnected),
                 Some(_) => Some(OfflineReason::Disconnect),
                 None => None,
             };
@@ -321,6 +325,74 @@ impl PresenceTable {
             }
             self.records.insert(h.agent.into(), rec);
         }
+    }
+
+    /// Every record (for snapshots).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Record)> {
+        self.records.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    /// Start from records recovered after a restart: agents presumed online
+    /// are Online with no connection (a HELLO is then silent: nothing to
+    /// supersede, no event); the others are Offline.
+    pub fn restore_recovered(
+        &mut self,
+        records: Vec<crate::persist::RecoveredRecord>,
+        _now: Instant,
+    ) {
+        use crate::persist::{PersistedReason, RecoveredState};
+        for r in records {
+            let online = !matches!(r.state, RecoveredState::Offline);
+            if online {
+                self.online += 1;
+            }
+            let offline_reason = r.offline_reason.map(|x| match x {
+                PersistedReason::Bye => OfflineReason::Bye,
+                PersistedReason::Timeout => OfflineReason::Timeout,
+                PersistedReason::Disconnect => OfflineReason::Disconnect,
+                PersistedReason::NotReconnected => OfflineReason::NotReconnected,
+            });
+            self.records.insert(
+                r.agent,
+                Record {
+                    since_ms: r.since_ms,
+                    last_seen_ms: r.last_seen_ms,
+                    session: r.session,
+                    grace_until_ms: 0,
+                    conn: None,
+                    state: if online {
+                        State::Online
+                    } else {
+                        State::Offline
+                    },
+                    offline_reason: if online { None } else { offline_reason },
+                },
+            );
+        }
+    }
+
+    /// A presumed-online agent did not come back: offline with `reason`,
+    /// unless it reconnected meanwhile (then it has a connection).
+    pub fn force_offline(
+        &mut self,
+        id: &str,
+        reason: OfflineReason,
+        now_ms: u64,
+    ) -> Option<Transition> {
+        let rec = self.records.get_mut(id)?;
+        if rec.state != State::Online || rec.conn.is_some() {
+            return None;
+        }
+        self.online -= 1;
+        rec.state = State::Offline;
+        rec.since_ms = now_ms;
+        rec.offline_reason = Some(reason);
+        Some(Transition {
+            agent: id.into(),
+            online: false,
+            reason: reason.as_str(),
+            ts_ms: now_ms,
+        })
     }
 
     /// Grace periods that ended by `now` turn into `offline` (reason `disconnect`).

@@ -83,6 +83,13 @@ pub enum ShardMsg {
     Stats {
         reply: oneshot::Sender<ShardSnapshot>,
     },
+    /// Owner shard -> event shard, every tick: agents online on that shard
+    /// and connections that dropped into grace since the last tick.
+    Fleet {
+        shard: usize,
+        online: u64,
+        drops: u32,
+    },
     /// Live hand-over: stop accepting, applying frames, deadlines.
     Freeze {
         reply: oneshot::Sender<()>,
@@ -156,6 +163,18 @@ pub struct Shard {
     shutting_down: Cell<bool>,
     frozen: Cell<bool>,
     accept_ctl: LocalSender<AcceptCtl>,
+    /// Presence persistence (None when the state directory is unusable).
+    pub(crate) durable: std::cell::OnceCell<crate::durable::Durable>,
+    /// Connections that dropped into grace since the last tick.
+    drops: Cell<u32>,
+    /// Event shard: the mass-offline guard and the fleet it watches.
+    pub(crate) guard: Option<RefCell<crate::guard::MassOfflineGuard>>,
+    fleet: RefCell<Vec<u64>>,
+    last_held_saved: Cell<usize>,
+    /// The listening descriptor while this shard accepts (-1 otherwise).
+    listen_fd: Cell<i32>,
+    /// A live hand-over committed: this process is on its way out.
+    released: Cell<bool>,
 }
 
 impl Shard {
@@ -177,6 +196,12 @@ impl Shard {
                 ts_ms,
             } => {
                 let out = self.presence.borrow_mut().hello(&id, session, conn, ts_ms);
+                if let Some(d) = self.durable.get() {
+                    d.on_hello(&id);
+                    if let Some(rec) = self.presence.borrow().get(&id) {
+                        d.record(&id, rec);
+                    }
+                }
                 if let Some(old) = out.supersede {
                     self.router
                         .send(old.shard as usize, ShardMsg::Supersede { conn: old });
@@ -200,6 +225,19 @@ impl Shard {
                     ts_ms,
                     Instant::now(),
                 );
+                if let Some(rec) = self
+                    .presence
+                    .borrow()
+                    .get(&id)
+                    .filter(|r| r.session == session)
+                {
+                    if rec.state == crate::presence::State::Grace {
+                        self.drops.set(self.drops.get() + 1);
+                    }
+                    if let Some(d) = self.durable.get() {
+                        d.record(&id, rec);
+                    }
+                }
                 if let Some(t) = t {
                     self.publish(t);
                 }
@@ -207,12 +245,24 @@ impl Shard {
             ShardMsg::Supersede { conn } => {
                 self.command(conn.key as usize, conn.gen, ConnCmd::Superseded);
             }
-            ShardMsg::Publish(t) => match &self.events {
-                Some(log) => {
-                    log.borrow_mut().publish(t);
+            ShardMsg::Publish(t) => self.publish_here(t),
+            ShardMsg::Fleet {
+                shard,
+                online,
+                drops,
+            } => {
+                let fleet = {
+                    let mut f = self.fleet.borrow_mut();
+                    if let Some(slot) = f.get_mut(shard) {
+                        *slot = online;
+                    }
+                    f.iter().sum::<u64>()
+                };
+                if let (Some(g), true) = (&self.guard, drops > 0) {
+                    g.borrow_mut()
+                        .on_drops(crate::runtime::wall_ms(), drops, fleet);
                 }
-                None => warn!("event published to a shard without the event log"),
-            },
+            }
             ShardMsg::QueryAgent { id, reply } => {
                 let presence = self.presence.borrow();
                 let Some(rec) = presence.get(&id) else {
@@ -285,10 +335,48 @@ impl Shard {
             }
             ShardMsg::Release { reply } => {
                 let _ = self.accept_ctl.try_send(AcceptCtl::Stop);
+                self.listen_fd.set(-1);
+                self.released.set(true);
                 self.release_all();
+                if let Some(d) = self.durable.get() {
+                    d.shutdown();
+                }
                 let _ = reply.send(());
             }
         }
+    }
+
+    /// Event shard: number, keep and announce a transition, unless the
+    /// mass-offline guard holds it (or suppresses the return of an agent
+    /// whose offline it held: the platform never saw it go).
+    fn publish_here(&self, t: Transition) {
+        let Some(log) = &self.events else {
+            warn!("event published to a shard without the event log");
+            return;
+        };
+        if let Some(g) = &self.guard {
+            let now = crate::runtime::wall_ms();
+            let fleet = self.fleet.borrow().iter().sum::<u64>();
+            let mut g = g.borrow_mut();
+            if t.online {
+                if g.on_online(&t.agent) == crate::guard::OnlineVerdict::Suppress {
+                    return;
+                }
+            } else if g.on_offline(now, &t, 0, fleet) == crate::guard::Verdict::Hold {
+                return;
+            }
+        }
+        let next = log.borrow().next_seq();
+        if let Some(d) = self.durable.get() {
+            // Never publish a seq that is not durably reserved: numbering
+            // must keep increasing across a crash.
+            if !crate::persist::seq_may_publish(next, d.seq_reserved())
+                || crate::persist::seq_reservation_needed(next, d.seq_reserved()).is_some()
+            {
+                d.reserve_seq_now(next + crate::persist::SEQ_HEADROOM);
+            }
+        }
+        log.borrow_mut().publish(t);
     }
 
     /// Ask `shard` for its statistics.
@@ -315,25 +403,105 @@ impl Shard {
     pub fn snapshot(&self) -> ShardSnapshot {
         let (connections, sessions) = self.conn_counts();
         let presence = self.presence.borrow();
-        self.counters.snapshot(
+        let mut s = self.counters.snapshot(
             self.id,
             connections,
             sessions,
             presence.len() as u64,
             presence.online() as u64,
             presence.in_grace() as u64,
-        )
+        );
+        if let Some((q, b)) = crate::sockstat::accept_queue(self.listen_fd.get()) {
+            s.accept_queue = Some(q);
+            s.accept_backlog = Some(b);
+        }
+        if let Some(d) = self.durable.get() {
+            s.presumed_online = d.presumed_remaining() as u64;
+            s.state = Some(d.status());
+        }
+        s
     }
 
     /// One tick: fire due deadlines, end due grace periods.
     fn on_tick(&self, fired: &mut Vec<(u64, (u32, u32))>, transitions: &mut Vec<Transition>) {
         self.expire_deadlines(fired);
-        self.presence
-            .borrow_mut()
-            .expire(Instant::now(), crate::runtime::wall_ms(), transitions);
+        let now = Instant::now();
+        let wall = crate::runtime::wall_ms();
+        self.presence.borrow_mut().expire(now, wall, transitions);
+        if let Some(d) = self.durable.get() {
+            for t in d.expire_presumed(wall) {
+                let forced = self.presence.borrow_mut().force_offline(
+                    &t.agent,
+                    crate::presence::OfflineReason::NotReconnected,
+                    wall,
+                );
+                transitions.extend(forced);
+            }
+            let presence = self.presence.borrow();
+            for t in transitions.iter() {
+                if let Some(rec) = presence.get(&t.agent) {
+                    d.record(&t.agent, rec);
+                }
+            }
+            d.tick(&presence, now);
+        }
         for t in transitions.drain(..) {
             self.publish(t);
         }
+        let online = self.presence.borrow().online() as u64;
+        let drops = self.drops.replace(0);
+        self.router.send(
+            EVENT_SHARD,
+            ShardMsg::Fleet {
+                shard: self.id,
+                online,
+                drops,
+            },
+        );
+        if let Some(g) = &self.guard {
+            let fleet = self.fleet.borrow().iter().sum::<u64>();
+            let released = g.borrow_mut().tick(wall, fleet);
+            for h in released {
+                self.publish_here(h.to_transition());
+            }
+            self.save_held_if_changed();
+        }
+    }
+
+    /// Keep the held set on disk (so a crash during a surge keeps them presumed online).
+    fn save_held_if_changed(&self) {
+        let (Some(g), Some(_)) = (&self.guard, self.durable.get()) else {
+            return;
+        };
+        let g = g.borrow();
+        if g.held_len() == self.last_held_saved.get() {
+            return;
+        }
+        self.last_held_saved.set(g.held_len());
+        if let Err(e) = crate::persist::save_guard_held(&self.rt.config.state.dir, g.held_agents())
+        {
+            warn!("saving held guard events: {e}");
+        }
+    }
+
+    /// Publish what the operator releases from the guard.
+    pub fn guard_release(&self, agent: Option<&str>) -> usize {
+        let Some(g) = &self.guard else { return 0 };
+        let released: Vec<_> = {
+            let mut g = g.borrow_mut();
+            match agent {
+                Some(a) => g.release_agent(a).into_iter().collect(),
+                None => g.release_all(crate::runtime::wall_ms()),
+            }
+        };
+        let n = released.len();
+        for h in released {
+            if let Some(log) = &self.events {
+                log.borrow_mut().publish(h.to_transition());
+            }
+        }
+        self.save_held_if_changed();
+        n
     }
 
     /// Close every connection with ERROR 7 (no presence events).
@@ -446,8 +614,21 @@ pub async fn run(
         shutting_down: Cell::new(false),
         frozen: Cell::new(false),
         accept_ctl: accept_tx,
+        durable: std::cell::OnceCell::new(),
+        drops: Cell::new(0),
+        guard: (id == EVENT_SHARD).then(|| {
+            let mut g = crate::guard::MassOfflineGuard::new(rt.config.guard.clone());
+            g.set_drop_feed(true);
+            RefCell::new(g)
+        }),
+        fleet: RefCell::new(vec![0; nshards]),
+        last_held_saved: Cell::new(0),
+        listen_fd: Cell::new(-1),
+        released: Cell::new(false),
         rt,
     });
+    let handed_over =
+        !adopted.conns.is_empty() || !adopted.records.is_empty() || adopted.events.is_some();
     if !adopted.conns.is_empty() {
         let n = adopted.conns.len();
         if let Err(e) = shard.adopt_handed(std::mem::take(&mut adopted.conns)) {
@@ -468,6 +649,33 @@ pub async fn run(
     }
     if let (Some(log), Some((events, next_seq))) = (&shard.events, adopted.events.take()) {
         log.borrow_mut().restore(events, next_seq);
+    }
+    let opened = crate::durable::Durable::open(
+        &shard.rt.config.state,
+        id,
+        &mut shard.presence.borrow_mut(),
+        handed_over,
+        Instant::now(),
+    );
+    match opened {
+        Ok((d, seq_high_water)) => {
+            if let Some(log) = &shard.events {
+                let mut log = log.borrow_mut();
+                if !handed_over {
+                    *log = EventLog::new(
+                        shard.rt.config.presence.event_ring_capacity,
+                        crate::persist::first_seq_after_restart(seq_high_water),
+                    );
+                }
+                d.reserve_seq_now(log.next_seq() + crate::persist::SEQ_HEADROOM);
+            }
+            let _ = shard.durable.set(d);
+        }
+        Err(e) => warn!(
+            shard = id,
+            "state directory {}: {e}; presence will not survive a restart",
+            shard.rt.config.state.dir.display()
+        ),
     }
 
     // Mesh plumbing: outboxes drain into the mesh; inbound messages are handled.
@@ -496,6 +704,9 @@ pub async fn run(
     }
 
     // SAFETY-free: glommio takes ownership of the listening fd.
+    shard
+        .listen_fd
+        .set(std::os::fd::AsRawFd::as_raw_fd(&listener));
     let listener = unsafe {
         use std::os::fd::FromRawFd;
         TcpListener::from_raw_fd(listener.into_raw_fd())
@@ -531,8 +742,14 @@ pub async fn run(
         }
     }
 
+    if shard.id == EVENT_SHARD && !shard.released.get() {
+        // Tell systemd at once (`supervise` may wait on a stopped shard); not
+        // after a hand-over: the unit now belongs to the new process.
+        crate::notify::stopping();
+    }
     // Shutdown: stop accepting, ask every connection to close, wait briefly.
     let _ = shard.accept_ctl.try_send(AcceptCtl::Stop);
+    shard.listen_fd.set(-1);
     accept_task.await;
     shard.begin_shutdown();
     sessions_task.await;
@@ -542,6 +759,9 @@ pub async fn run(
     }
     // Let queued mesh messages go out before the executor stops.
     sleep(Duration::from_millis(20)).await;
+    if let Some(d) = shard.durable.get() {
+        d.shutdown();
+    }
     info!(shard = id, "shard stopped");
 }
 
@@ -575,7 +795,9 @@ async fn supervise(shard: Rc<Shard>) {
         }
         sleep(Duration::from_millis(50)).await;
     }
-    crate::notify::stopping();
+    if !shard.released.get() {
+        crate::notify::stopping();
+    }
 }
 
 async fn forward(peer: usize, rx: LocalReceiver<ShardMsg>, senders: Rc<Senders<ShardMsg>>) {

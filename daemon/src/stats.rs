@@ -115,6 +115,10 @@ impl Counters {
             byes_total: self.byes.get(),
             handshake_latency: self.handshake_latency.summary(),
             heartbeat_latency: self.heartbeat_latency.summary(),
+            accept_queue: None,
+            accept_backlog: None,
+            presumed_online: 0,
+            state: None,
             errors_sent: ErrorCode::ALL
                 .iter()
                 .map(|c| (c.name(), self.errors_sent[*c as usize].get()))
@@ -148,6 +152,13 @@ pub struct ShardSnapshot {
     pub errors_sent: BTreeMap<&'static str, u64>,
     pub handshake_latency: LatencySummary,
     pub heartbeat_latency: LatencySummary,
+    /// Connections waiting in this shard's listen queue, and its backlog.
+    pub accept_queue: Option<u32>,
+    pub accept_backlog: Option<u32>,
+    /// Agents presumed online after a restart, not back yet.
+    pub presumed_online: u64,
+    /// Persistence of this shard's presence records.
+    pub state: Option<crate::durable::DurableStatus>,
 }
 
 /// Resident set size of this process, from /proc/self/statm.

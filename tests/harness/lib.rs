@@ -131,6 +131,9 @@ miss_limit = {miss}
 offline_grace = "{grace}"
 hello_timeout = "{hello}"
 event_ring_capacity = {ring}
+
+[state]
+dir = "state"
 {extra}
 "#,
         shards = o.shards,
