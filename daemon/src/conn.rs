@@ -55,13 +55,20 @@ pub async fn serve(
     mut cmd: oneshot::Receiver<ConnCmd>,
 ) {
     let accepted = Instant::now();
-    match handshake(&shard, &mut tcp, &mut cmd).await {
+    let result = handshake(&shard, &mut tcp, &mut cmd).await;
+    shard
+        .handshakes_in_flight
+        .set(shard.handshakes_in_flight.get().saturating_sub(1));
+    match result {
         Ok(est) if est.peer_closed => {
             shard.counters.handshakes.inc();
             shard.handshake_failed(key, gen);
         }
         Ok(est) => {
             shard.counters.handshakes.inc();
+            if est.resumed {
+                shard.counters.handshakes_resumed.inc();
+            }
             shard.counters.handshake_latency.record(accepted.elapsed());
             // The session keeps a plain descriptor: duplicate it, then let
             // glommio's stream go (its drop only closes its own descriptor).

@@ -136,7 +136,9 @@ mod tests {
             cfg.server.control_socket,
             d.path().join(CONTROL_SOCKET_FILE)
         );
-        crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key).unwrap();
+        let (ticketer, _) =
+            crate::tickets::PersistentTicketer::open(&d.path().join("state")).unwrap();
+        crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &ticketer).unwrap();
         FleetKey::load(&cfg.auth.fleet_key).unwrap();
         assert!(matches!(
             dev_init(d.path(), false),

@@ -353,7 +353,9 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
             slot.lock().unwrap_or_else(|p| p.into_inner()).global = Some(GlobalState {
                 events,
                 next_event_seq,
-                ticket_keys: TicketKeys::default(),
+                ticket_keys: TicketKeys {
+                    keys: shard.rt.ticketer.keys().to_handoff(),
+                },
             });
             Ok(0)
         }
@@ -387,6 +389,8 @@ pub struct DaemonTarget {
     pub material: Option<crate::server::Material>,
     /// Bound in `commit`: the control socket path moves to this process.
     pub control: Option<std::os::unix::net::UnixListener>,
+    /// Session ticket keys from the old process (resumption keeps working).
+    ticket_keys: Option<crate::tickets::TicketKeys>,
 }
 
 impl DaemonTarget {
@@ -399,6 +403,7 @@ impl DaemonTarget {
             adopted: (0..shards).map(|_| Adopted::default()).collect(),
             material: None,
             control: None,
+            ticket_keys: None,
         }
     }
 }
@@ -448,12 +453,22 @@ impl Target for DaemonTarget {
 
     fn adopt_global(&mut self, global: GlobalState) -> Result<(), String> {
         let events: Vec<EventHandoff> = global.events;
+        if !global.ticket_keys.keys.is_empty() {
+            match crate::tickets::TicketKeys::from_handoff(&global.ticket_keys.keys) {
+                Ok(k) => self.ticket_keys = Some(k),
+                Err(e) => {
+                    warn!("handed-over ticket keys unusable, loading from the state dir: {e}")
+                }
+            }
+        }
         self.adopted[0].events = Some((events, global.next_event_seq));
         Ok(())
     }
 
     fn ready(&mut self) -> Result<(), String> {
-        let material = crate::server::Material::load(&self.config).map_err(|e| e.to_string())?;
+        let material =
+            crate::server::Material::load_with_tickets(&self.config, self.ticket_keys.take())
+                .map_err(|e| e.to_string())?;
         if std::env::var_os("PRESENCED_TEST_FAIL_READY").is_some() {
             return Err("ready: failing on purpose (PRESENCED_TEST_FAIL_READY)".into());
         }

@@ -27,6 +27,7 @@ pub mod session;
 pub mod shard;
 pub mod sockstat;
 pub mod stats;
+pub mod tickets;
 pub mod tls;
 pub mod tuning;
 pub mod upgrade;

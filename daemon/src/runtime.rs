@@ -25,6 +25,8 @@ pub struct Runtime {
     pub startup_cpus: Mutex<Vec<usize>>,
     tls: RwLock<Arc<ServerConfig>>,
     fleet_key: RwLock<FleetKey>,
+    /// Session ticket keys (persisted, rotated, handed over on upgrade).
+    pub ticketer: Arc<crate::tickets::PersistentTicketer>,
     /// The address actually bound (port 0 resolved).
     pub listen: SocketAddr,
     pub shutdown: Arc<AtomicBool>,
@@ -50,6 +52,7 @@ impl Runtime {
         config: Config,
         tls: Arc<ServerConfig>,
         fleet_key: FleetKey,
+        ticketer: Arc<crate::tickets::PersistentTicketer>,
         listen: SocketAddr,
         shutdown: Arc<AtomicBool>,
         reload_requested: Arc<AtomicBool>,
@@ -62,6 +65,7 @@ impl Runtime {
             startup_cpus: Mutex::new(Vec::new()),
             tls: RwLock::new(tls),
             fleet_key: RwLock::new(fleet_key),
+            ticketer,
             listen,
             shutdown,
             reload_requested,
@@ -86,8 +90,8 @@ impl Runtime {
     pub fn reload(&self) -> Result<(), String> {
         let result: Result<(), String> = (|| {
             let c = &self.config;
-            let tls =
-                crate::tls::server_config(&c.tls.cert, &c.tls.key).map_err(|e| e.to_string())?;
+            let tls = crate::tls::server_config(&c.tls.cert, &c.tls.key, &self.ticketer)
+                .map_err(|e| e.to_string())?;
             let key = FleetKey::load(&c.auth.fleet_key).map_err(|e| e.to_string())?;
             self.set_tls(tls);
             match self.fleet_key.write() {

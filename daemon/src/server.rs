@@ -41,6 +41,8 @@ pub enum ServerError {
     Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("session ticket keys: {0}")]
+    Tickets(String),
 }
 
 /// Bind `count` listening sockets to `addr` with SO_REUSEPORT. With port 0,
@@ -128,18 +130,91 @@ pub fn prepare(
     )
 }
 
-/// TLS configuration and fleet key, loaded and checked.
+/// TLS configuration, session ticket keys and fleet key, loaded and checked.
 pub struct Material {
     pub tls: Arc<rustls::ServerConfig>,
     pub fleet_key: FleetKey,
+    pub ticketer: Arc<crate::tickets::PersistentTicketer>,
 }
 
 impl Material {
     pub fn load(config: &Config) -> Result<Self, ServerError> {
+        Self::load_with_tickets(config, None)
+    }
+
+    /// With ticket keys handed over by a live upgrade (else from the state dir).
+    pub fn load_with_tickets(
+        config: &Config,
+        handed: Option<crate::tickets::TicketKeys>,
+    ) -> Result<Self, ServerError> {
+        let ticketer = open_ticketer(&config.state.dir, handed)?;
         Ok(Self {
-            tls: crate::tls::server_config(&config.tls.cert, &config.tls.key)?,
+            tls: crate::tls::server_config(&config.tls.cert, &config.tls.key, &ticketer)?,
             fleet_key: FleetKey::load(&config.auth.fleet_key)?,
+            ticketer,
         })
+    }
+}
+
+/// Session ticket keys: handed over, else from `<state dir>/tickets.keys`
+/// (created, or replaced when unusable), else in memory only (logged).
+fn open_ticketer(
+    dir: &std::path::Path,
+    handed: Option<crate::tickets::TicketKeys>,
+) -> Result<Arc<crate::tickets::PersistentTicketer>, ServerError> {
+    use crate::tickets::{PersistentTicketer, TicketKeys};
+    if let Err(e) = crate::persist::ensure_state_dir(dir) {
+        tracing::warn!("state directory {}: {e}", dir.display());
+    }
+    if let Some(keys) = handed {
+        match PersistentTicketer::new(keys, Some(dir.to_owned())) {
+            Ok(t) => {
+                if let Err(e) = t.save() {
+                    tracing::warn!("saving handed-over ticket keys: {e}");
+                }
+                return Ok(Arc::new(t));
+            }
+            Err(e) => tracing::warn!("handed-over ticket keys unusable: {e}"),
+        }
+    }
+    match PersistentTicketer::open(dir) {
+        Ok((t, note)) => {
+            info!("session ticket keys: {note}");
+            Ok(t)
+        }
+        Err(e) => {
+            tracing::warn!("session ticket keys: {e}; keeping them in memory only");
+            let keys = TicketKeys::generate(std::time::SystemTime::now())
+                .map_err(|e| ServerError::Tickets(e.to_string()))?;
+            PersistentTicketer::new(keys, None)
+                .map(Arc::new)
+                .map_err(|e| ServerError::Tickets(e.to_string()))
+        }
+    }
+}
+
+/// Rotate ticket keys when due (saving fsyncs: not on a shard).
+fn spawn_ticket_rotation(rt: Arc<Runtime>) {
+    let spawned = std::thread::Builder::new()
+        .name("ticket-rotation".into())
+        .spawn(move || loop {
+            for _ in 0..60 {
+                if rt.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let now = std::time::SystemTime::now();
+            if rt.ticketer.next_due() <= now {
+                match rt.ticketer.rotate_if_due(now) {
+                    Ok(true) => info!("session ticket keys rotated"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("rotating session ticket keys: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start ticket key rotation: {e}");
     }
 }
 
@@ -157,8 +232,20 @@ pub fn assemble(
     control: std::os::unix::net::UnixListener,
     adopted: Vec<shard::Adopted>,
 ) -> Result<Prepared, ServerError> {
-    let Material { tls, fleet_key } = material;
-    let mut runtime = Runtime::new(config, tls, fleet_key, listen, shutdown, reload_requested);
+    let Material {
+        tls,
+        fleet_key,
+        ticketer,
+    } = material;
+    let mut runtime = Runtime::new(
+        config,
+        tls,
+        fleet_key,
+        ticketer,
+        listen,
+        shutdown,
+        reload_requested,
+    );
     runtime.config_path =
         std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
     Ok(Prepared {
@@ -190,6 +277,7 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
     };
     let mut control = Some(control);
     let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
+    spawn_ticket_rotation(runtime.clone());
     runtime.set_listener_fds(
         listeners
             .iter()

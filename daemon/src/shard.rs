@@ -175,6 +175,9 @@ pub struct Shard {
     listen_fd: Cell<i32>,
     /// A live hand-over committed: this process is on its way out.
     released: Cell<bool>,
+    /// Admission control: handshakes running, and this second's starts.
+    pub(crate) handshakes_in_flight: Cell<usize>,
+    handshake_second: Cell<(u64, u32)>,
 }
 
 impl Shard {
@@ -411,6 +414,7 @@ impl Shard {
             presence.online() as u64,
             presence.in_grace() as u64,
         );
+        s.handshakes_in_flight = self.handshakes_in_flight.get() as u64;
         if let Some((q, b)) = crate::sockstat::accept_queue(self.listen_fd.get()) {
             s.accept_queue = Some(q);
             s.accept_backlog = Some(b);
@@ -508,6 +512,24 @@ impl Shard {
     fn begin_shutdown(&self) {
         self.shutting_down.set(true);
         self.close_all();
+    }
+
+    /// Admission control: may one more TLS handshake start now?
+    fn admit_handshake(&self) -> bool {
+        let adm = &self.rt.config.admission;
+        if self.handshakes_in_flight.get() >= adm.max_concurrent_handshakes {
+            return false;
+        }
+        let second = self.now_ms() / 1000;
+        let (s, n) = self.handshake_second.get();
+        let n = if s == second { n } else { 0 };
+        if n >= adm.max_handshakes_per_sec {
+            return false;
+        }
+        self.handshake_second.set((second, n + 1));
+        self.handshakes_in_flight
+            .set(self.handshakes_in_flight.get() + 1);
+        true
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -625,6 +647,8 @@ pub async fn run(
         last_held_saved: Cell::new(0),
         listen_fd: Cell::new(-1),
         released: Cell::new(false),
+        handshakes_in_flight: Cell::new(0),
+        handshake_second: Cell::new((0, 0)),
         rt,
     });
     let handed_over =
@@ -711,9 +735,35 @@ pub async fn run(
         use std::os::fd::FromRawFd;
         TcpListener::from_raw_fd(listener.into_raw_fd())
     };
-    let accept_task =
-        glommio::spawn_local(accept_loop(shard.clone(), listener, accept_rx)).detach();
-    let sessions_task = glommio::spawn_local(shard.clone().serve_sessions()).detach();
+    // Established agents first: sessions run in a queue that asks for quick
+    // preemption; handshakes (a storm of new connections) get a tenth of
+    // the shares, so they cannot delay heartbeats of connected agents.
+    let ex = glommio::executor();
+    let sessions_tq = ex.create_task_queue(
+        glommio::Shares::Static(1000),
+        glommio::Latency::Matters(Duration::from_millis(2)),
+        "sessions",
+    );
+    let handshakes_tq = ex.create_task_queue(
+        glommio::Shares::Static(100),
+        glommio::Latency::NotImportant,
+        "handshakes",
+    );
+    let accept_task = glommio::spawn_local(accept_loop(
+        shard.clone(),
+        listener,
+        accept_rx,
+        handshakes_tq,
+    ))
+    .detach();
+    let sessions_task = match glommio::spawn_local_into(shard.clone().serve_sessions(), sessions_tq)
+    {
+        Ok(t) => t.detach(),
+        Err(e) => {
+            warn!(shard = id, "cannot start the session loop: {e}");
+            return;
+        }
+    };
 
     if let Some(control) = control {
         let s = shard.clone();
@@ -809,7 +859,12 @@ async fn forward(peer: usize, rx: LocalReceiver<ShardMsg>, senders: Rc<Senders<S
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, ctl: LocalReceiver<AcceptCtl>) {
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    ctl: LocalReceiver<AcceptCtl>,
+    handshakes: glommio::TaskQueueHandle,
+) {
     let mut last_warn: Option<Instant> = None;
     let mut paused = false;
     loop {
@@ -848,9 +903,19 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, ctl: LocalReceiver
             break;
         }
         shard.counters.accepted.inc();
+        if !shard.admit_handshake() {
+            // Over the handshake caps: closed before TLS; agents back off
+            // with jitter and come back.
+            shard.counters.admission_rejected.inc();
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let (key, gen, cmd) = shard.register();
-        glommio::spawn_local(conn::serve(shard.clone(), stream, key, gen, cmd)).detach();
+        let task = conn::serve(shard.clone(), stream, key, gen, cmd);
+        if let Ok(t) = glommio::spawn_local_into(task, handshakes) {
+            t.detach();
+        }
     }
 }
 

@@ -80,8 +80,14 @@ pub fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<(), TlsE
 }
 
 /// A server configuration from the certificate chain and key files:
-/// parsed, key matching the leaf certificate, leaf valid now.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// parsed, key matching the leaf certificate, leaf valid now. Session
+/// tickets come from `ticketer` (the same one across reloads, so tickets
+/// issued before a certificate renewal still resume).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    ticketer: &Arc<crate::tickets::PersistentTicketer>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(cert)?;
     check_validity(cert, &certs[0])?;
     let private_key = load_key(key)?;
@@ -99,6 +105,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     // A client offering ALPN without presence/1 is refused by rustls
     // (no_application_protocol alert); one offering none is accepted.
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    crate::tickets::install(&mut cfg, ticketer.clone());
     // Secret capture for the lean record layer (see lean::handshake).
     Ok(crate::lean::handshake::prepare_config(cfg))
 }

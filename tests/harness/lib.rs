@@ -57,7 +57,14 @@ fn assert_fresh(bin: &Path) {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for src in ["daemon/src", "bench/src"] {
+    // A binary depends on its own crate's sources (bench's on the daemon's too).
+    let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let sources: &[&str] = if name.starts_with("presence-") {
+        &["daemon/src", "bench/src"]
+    } else {
+        &["daemon/src"]
+    };
+    for src in sources {
         if let Some(t) = newest(&root.join(src)) {
             assert!(
                 t <= bin_time,
@@ -78,6 +85,10 @@ pub struct Options {
     pub hello_timeout: &'static str,
     pub handshake_timeout: &'static str,
     pub event_ring_capacity: usize,
+    /// Listen address ("127.0.0.1:0": any free port).
+    pub listen: String,
+    /// `[state] restart_grace`.
+    pub restart_grace: &'static str,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -92,6 +103,8 @@ impl Default for Options {
             hello_timeout: "10s",
             handshake_timeout: "10s",
             event_ring_capacity: 100_000,
+            listen: "127.0.0.1:0".into(),
+            restart_grace: "120s",
             extra: String::new(),
         }
     }
@@ -113,7 +126,7 @@ pub struct Daemon {
 pub fn config_text(o: &Options) -> String {
     format!(
         r#"[server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 shards = {shards}
 control_socket = "control.sock"
 
@@ -134,6 +147,7 @@ event_ring_capacity = {ring}
 
 [state]
 dir = "state"
+restart_grace = "{restart_grace}"
 {extra}
 "#,
         shards = o.shards,
@@ -143,6 +157,8 @@ dir = "state"
         grace = o.offline_grace,
         hello = o.hello_timeout,
         ring = o.event_ring_capacity,
+        listen = o.listen,
+        restart_grace = o.restart_grace,
         extra = o.extra,
     )
 }
@@ -360,7 +376,34 @@ impl Drop for Daemon {
     }
 }
 
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").to_string()
+}
+
 impl Daemon {
+    /// After `kill9` (or a crash): start `presenced serve` again on the same
+    /// directory, state and config.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "respawn needs the daemon stopped");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(bin("presenced"))
+            .args(["serve", "--config"])
+            .arg(self.dir.path().join("presenced.toml"))
+            .env("RUST_LOG", "info,presenced=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("respawn presenced");
+        self.child = Some(child);
+        self.addr = self.wait_ready(Duration::from_secs(20));
+    }
+
     /// `upgrade [binary]` on the control socket; remembers the new pid so
     /// it is cleaned up with this daemon.
     pub fn upgrade(&self, binary: Option<&Path>) -> Value {

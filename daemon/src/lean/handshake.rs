@@ -104,6 +104,8 @@ pub struct Established {
     pub leftover: Vec<u8>,
     /// The client already sent close_notify within its last flight.
     pub peer_closed: bool,
+    /// Whether the client resumed a session with a ticket.
+    pub resumed: bool,
 }
 
 impl std::fmt::Debug for Established {
@@ -466,6 +468,7 @@ impl Handshake {
             .and_then(Suite::from_rustls)
             .ok_or(HandshakeError::UnsupportedSuite(negotiated))?;
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
         drop(kernel);
         let capture = std::mem::take(&mut self.capture);
@@ -498,6 +501,7 @@ impl Handshake {
             early_plaintext: std::mem::take(&mut self.early_plaintext),
             leftover,
             peer_closed: self.peer_closed,
+            resumed,
         })
     }
 }

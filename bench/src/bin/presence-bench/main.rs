@@ -1,0 +1,283 @@
+//! `presence-bench`: load generator for presenced, and for the usual
+//! alternatives (nats-server, mosquitto) on the same machine in the same run.
+//!
+//! The coordinator (this process) starts the servers, spreads the agents
+//! over worker processes (`presence-bench worker`, hidden) and over a range
+//! of loopback source addresses, and aggregates what they measure. Server
+//! figures come from the server: presenced's control socket (`stats`,
+//! `events`), /proc/PID/status for the peers, /proc/slabinfo for the kernel.
+
+mod fleet;
+mod kernel;
+mod link;
+mod report;
+mod run;
+mod servers;
+mod wire;
+mod worker;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Load generator for presenced and its peers (nats-server, mosquitto).
+#[derive(Debug, Parser)]
+#[command(name = "presence-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Connect N agents at a target rate with a concurrency cap; report
+    /// handshakes/s and handshake latency percentiles.
+    Ramp(RampArgs),
+    /// Hold N agents heartbeating at an interval; report heartbeat RTT
+    /// percentiles and disconnects.
+    Steady(SteadyArgs),
+    /// Drop all N connections at once (or SIGKILL the daemon) and reconnect
+    /// with jittered backoff; report time to 50/90/99/100 % back online and
+    /// the presence events the daemon emitted meanwhile (presenced only).
+    Storm(StormArgs),
+    /// Hold N agents that have heartbeated, at several N; report the
+    /// server's memory per connection (fitted slope) and the kernel's share.
+    Density(DensityArgs),
+    /// Print the tables of a report saved with --json (a file, or - for stdin).
+    Report {
+        /// The saved JSON report.
+        file: PathBuf,
+    },
+    /// Internal: one worker process (spawned by the coordinator).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerArg {
+    /// nats-server (Debian package nats-server).
+    Nats,
+    /// mosquitto (Debian package mosquitto).
+    Mqtt,
+}
+
+/// Options every scenario takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Also measure this peer, started by the bench with the same TLS setup (repeatable).
+    #[arg(long = "peer", value_enum)]
+    pub peers: Vec<PeerArg>,
+    /// Worker processes (default: 2, or more so each holds at most --per-worker agents).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Most agents one worker process holds.
+    #[arg(long, default_value_t = 9000)]
+    pub per_worker: usize,
+    /// Loopback source addresses agents bind, e.g. 127.0.0.2-127.0.0.60,
+    /// a comma list, or `none` (the kernel picks 127.0.0.1).
+    #[arg(long, default_value = "127.0.0.2-127.0.0.60")]
+    pub source_ips: String,
+    /// Handshakes per second to aim for, all workers together (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Connection attempts in flight at most, all workers together.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrency: usize,
+    /// Limit on one connect (TCP + TLS + welcome).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Heartbeat interval of idle agents (presenced: the daemon's
+    /// heartbeat_interval when the bench starts it; MQTT keepalive is twice this).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+    /// Allow TLS session resumption (default: every handshake is a full one).
+    #[arg(long)]
+    pub resumption: bool,
+    /// Agent ids are PREFIX-NNNNNNN.
+    #[arg(long, default_value = "bench")]
+    pub id_prefix: String,
+    /// presenced binary to start (default: next to this binary, then release/debug builds).
+    #[arg(long, value_name = "PATH")]
+    pub presenced_bin: Option<PathBuf>,
+    /// Shards of a bench-started presenced (0 = one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub shards: usize,
+    /// Attach to a running presenced at this address instead of starting one
+    /// (needs --control, --ca, --fleet-key).
+    #[arg(long, requires_all = ["control", "ca", "fleet_key"])]
+    pub addr: Option<SocketAddr>,
+    /// Control socket of the attached presenced.
+    #[arg(long, value_name = "PATH", requires = "addr")]
+    pub control: Option<PathBuf>,
+    /// CA (or self-signed cert.pem) of the attached presenced.
+    #[arg(long, value_name = "PATH", requires = "addr")]
+    pub ca: Option<PathBuf>,
+    /// Fleet key file of the attached presenced.
+    #[arg(long, value_name = "PATH", requires = "addr")]
+    pub fleet_key: Option<PathBuf>,
+    /// Print one JSON object instead of tables (and no progress bars).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RampArgs {
+    /// Agents to connect.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct SteadyArgs {
+    /// Agents to hold.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Each agent's heartbeat interval while measuring (+-10 % jitter).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct StormArgs {
+    /// Agents to hold and then drop.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// SIGKILL the daemon (pid from `stats`) instead of dropping the connections, then restart it.
+    #[arg(long)]
+    pub kill_daemon: bool,
+    /// Shell command that restarts the daemon after --kill-daemon (default:
+    /// start the bench-owned daemon again with the same config).
+    #[arg(long, value_name = "CMD", requires = "kill_daemon")]
+    pub restart_cmd: Option<String>,
+    /// First reconnect backoff ceiling (full jitter, doubling).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub backoff_initial: Duration,
+    /// Largest reconnect backoff ceiling.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+    /// Give up on agents not back by then.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
+    /// Keep reading presence events this long after the last agent is back.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub events_grace: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct DensityArgs {
+    /// Agent counts to measure at, ascending, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+    pub agents: Vec<usize>,
+    /// Wait this long after the heartbeats before reading memory.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Each step's heartbeats are spread over this window.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hb_spread: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Most source addresses a range may name.
+const MAX_SOURCE_IPS: u32 = 4096;
+
+/// Parse `A-B`, `A,B,C`, a single address or `none`; every address must be loopback.
+pub fn parse_source_ips(text: &str) -> Result<Vec<IpAddr>> {
+    let text = text.trim();
+    if text.is_empty() || text == "none" {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a
+                .trim()
+                .parse()
+                .with_context(|| format!("--source-ips: bad address {a:?}"))?;
+            let b: Ipv4Addr = b
+                .trim()
+                .parse()
+                .with_context(|| format!("--source-ips: bad address {b:?}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a {
+                bail!("--source-ips: range {part} is reversed");
+            }
+            if b - a >= MAX_SOURCE_IPS {
+                bail!("--source-ips: range {part} has more than {MAX_SOURCE_IPS} addresses");
+            }
+            out.extend((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))));
+        } else {
+            let ip: IpAddr = part
+                .parse()
+                .with_context(|| format!("--source-ips: bad address {part:?}"))?;
+            out.push(ip);
+        }
+    }
+    if let Some(bad) = out.iter().find(|ip| !ip.is_loopback()) {
+        bail!("--source-ips: {bad} is not a loopback address (the bench only uses loopback)");
+    }
+    Ok(out)
+}
+
+fn render_saved(file: &std::path::Path) -> Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let report: report::Report = serde_json::from_str(text.trim())
+        .with_context(|| format!("{} is not a presence-bench --json report", file.display()))?;
+    print!("{}", report.render());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.scenario {
+        Scenario::Worker => worker::run(),
+        Scenario::Ramp(a) => run::ramp(a),
+        Scenario::Steady(a) => run::steady(a),
+        Scenario::Storm(a) => run::storm(a),
+        Scenario::Density(a) => run::density(a),
+        Scenario::Report { file } => render_saved(&file),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presence-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_ip_ranges() {
+        let v = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
+        assert_eq!(v.len(), 59);
+        assert_eq!(v[0], IpAddr::from([127, 0, 0, 2]));
+        assert!(parse_source_ips("none").unwrap().is_empty());
+        assert_eq!(parse_source_ips("127.0.0.5,127.0.0.9").unwrap().len(), 2);
+        assert!(parse_source_ips("10.0.0.1").is_err());
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("127.0.0.1-127.1.0.0").is_err());
+        assert!(parse_source_ips("nonsense").is_err());
+    }
+}

@@ -1,0 +1,71 @@
+//! The `presence-bench` command line: help and argument errors (no servers
+//! are started; the scenarios themselves run in tests/bench_smoke.rs).
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_presence-bench"))
+        .args(args)
+        .output()
+        .expect("run presence-bench")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_the_scenarios_but_not_the_worker() {
+    let o = bench(&["--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for s in ["ramp", "steady", "storm", "density"] {
+        assert!(text.contains(s), "{s} missing from:\n{text}");
+    }
+    assert!(!text.contains("worker"), "hidden subcommand shown:\n{text}");
+    let o = bench(&["density", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for opt in ["--peer", "--source-ips", "--agents", "--json", "--settle"] {
+        assert!(text.contains(opt), "{opt} missing from:\n{text}");
+    }
+    let o = bench(&["storm", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("--kill-daemon") && text.contains("--restart-cmd"),
+        "{text}"
+    );
+}
+
+#[test]
+fn argument_errors_are_reported_before_anything_starts() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["ramp", "--agents", "0"], "at least 1"),
+        (&["ramp", "--source-ips", "10.0.0.1"], "not a loopback"),
+        (&["ramp", "--source-ips", "127.0.0.9-127.0.0.2"], "reversed"),
+        (&["ramp", "--source-ips", "bogus"], "bad address"),
+        (&["density", "--agents", "500,100"], "ascending"),
+        (&["ramp", "--peer", "redis"], "invalid value"),
+        (&["storm", "--restart-cmd", "true"], "--kill-daemon"),
+        (&["ramp", "--addr", "127.0.0.1:1"], "--control"),
+        (&["ramp", "--per-worker", "50000"], "--per-worker"),
+        (&["steady", "--interval", "soon"], "invalid value"),
+    ];
+    for (args, want) in cases {
+        let o = bench(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = stderr(&o);
+        assert!(err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn worker_without_init_fails_cleanly() {
+    let o = Command::new(env!("CARGO_BIN_EXE_presence-bench"))
+        .arg("worker")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run worker");
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("\"msg\":\"fatal\""), "{out}");
+}
