@@ -10,33 +10,64 @@ use serde::Serialize;
 
 use crate::presence::Transition;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// Reasons an event can carry, by their one-byte code.
+const REASONS: [&str; 6] = [
+    "hello",
+    "bye",
+    "timeout",
+    "disconnect",
+    "not_reconnected",
+    "unknown",
+];
+
+fn reason_code(r: &str) -> u8 {
+    REASONS
+        .iter()
+        .position(|x| *x == r)
+        .unwrap_or(REASONS.len() - 1) as u8
+}
+
+/// One presence event as the ring keeps it (40 bytes + the agent id).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub seq: u64,
     pub ts_ms: u64,
     pub agent: Box<str>,
-    pub state: &'static str,
-    pub reason: &'static str,
+    pub online: bool,
+    reason: u8,
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Event", 5)?;
+        st.serialize_field("seq", &self.seq)?;
+        st.serialize_field("ts_ms", &self.ts_ms)?;
+        st.serialize_field("agent", &self.agent)?;
+        st.serialize_field("state", self.state())?;
+        st.serialize_field("reason", self.reason())?;
+        st.end()
+    }
 }
 
 impl Event {
+    pub fn state(&self) -> &'static str {
+        if self.online {
+            "online"
+        } else {
+            "offline"
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        REASONS[usize::from(self.reason).min(REASONS.len() - 1)]
+    }
+
     /// One JSON line, newline included.
     pub fn to_line(&self) -> String {
         let mut s = serde_json::to_string(self).unwrap_or_default();
         s.push('\n');
         s
-    }
-}
-
-/// Event reasons are static strings; map a received one back.
-fn intern_reason(r: &str) -> &'static str {
-    match r {
-        "hello" => "hello",
-        "bye" => "bye",
-        "timeout" => "timeout",
-        "disconnect" => "disconnect",
-        "not_reconnected" => "not_reconnected",
-        _ => "unknown",
     }
 }
 
@@ -60,7 +91,8 @@ pub struct EventLog {
 impl EventLog {
     pub fn new(capacity: usize, first_seq: u64) -> Self {
         Self {
-            ring: VecDeque::new(),
+            // Bounded: allocated once, never grown or shrunk.
+            ring: VecDeque::with_capacity(capacity.min(1 << 22)),
             capacity,
             next_seq: first_seq.max(1),
             doorbells: Vec::new(),
@@ -95,8 +127,8 @@ impl EventLog {
             seq,
             ts_ms: t.ts_ms,
             agent: t.agent,
-            state: if t.online { "online" } else { "offline" },
-            reason: t.reason,
+            online: t.online,
+            reason: reason_code(t.reason),
         });
         self.doorbells.retain(|d| match d.try_send(()) {
             Ok(()) => true,
@@ -131,8 +163,8 @@ impl EventLog {
                 seq: e.seq,
                 ts_ms: e.ts_ms,
                 agent: e.agent.to_string(),
-                state: e.state.to_owned(),
-                reason: e.reason.to_owned(),
+                state: e.state().to_owned(),
+                reason: e.reason().to_owned(),
             })
             .collect()
     }
@@ -147,12 +179,8 @@ impl EventLog {
                 seq: e.seq,
                 ts_ms: e.ts_ms,
                 agent: e.agent.into(),
-                state: if e.state == "online" {
-                    "online"
-                } else {
-                    "offline"
-                },
-                reason: intern_reason(&e.reason),
+                online: e.state == "online",
+                reason: reason_code(&e.reason),
             });
         }
         self.next_seq = next_seq.max(self.next_seq);

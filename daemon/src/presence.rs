@@ -12,6 +12,12 @@ use serde::Serialize;
 
 use crate::wheel::DeadlineWheel;
 
+/// Tenths of a second from `origin` to `t` (rounded up, saturating).
+fn ds_since(origin: Instant, t: Instant) -> u32 {
+    let ms = t.saturating_duration_since(origin).as_millis();
+    ms.div_ceil(100).min(u32::MAX as u128) as u32
+}
+
 /// Which shard owns the presence record of `id`: FNV-1a of the id, modulo
 /// the shard count. Stable across builds (it must agree across an upgrade).
 pub fn owner_shard(id: &[u8], shards: usize) -> usize {
@@ -91,8 +97,9 @@ pub struct Record {
     /// Wall-clock ms of the last sign of life the owner knows of.
     pub last_seen_ms: u64,
     pub session: u64,
-    /// When grace ends, in ms on the table's clock (meaningful in Grace).
-    grace_until_ms: u64,
+    /// When grace ends, in tenths of a second on the table's clock
+    /// (meaningful in Grace; 13 years of range).
+    grace_until_ds: u32,
     pub conn: Option<ConnRef>,
     pub state: State,
     /// Reason of the last offline transition.
@@ -126,6 +133,11 @@ impl PresenceTable {
             online: 0,
             in_grace: 0,
         }
+    }
+
+    /// Tenths of a second since the table's origin (rounded up).
+    fn ds_of(&self, t: Instant) -> u32 {
+        ds_since(self.origin, t)
     }
 
     /// Agents reported online (connected or within grace).
@@ -192,7 +204,7 @@ impl PresenceTable {
                         session,
                         conn: Some(conn),
                         offline_reason: None,
-                        grace_until_ms: 0,
+                        grace_until_ds: 0,
                     },
                 );
                 out.transition = Some(Transition {
@@ -248,8 +260,7 @@ impl PresenceTable {
                 rec.state = State::Grace;
                 rec.conn = None;
                 let until = now + self.offline_grace;
-                rec.grace_until_ms =
-                    until.saturating_duration_since(self.origin).as_millis() as u64;
+                rec.grace_until_ds = ds_since(self.origin, until);
                 self.grace.insert(until, (id.into(), session));
                 None
             }
@@ -259,7 +270,7 @@ impl PresenceTable {
 
     /// Every record, for a live hand-over to a new process.
     pub fn export(&self, now: Instant) -> Vec<crate::upgrade::manifest::PresenceRecordHandoff> {
-        let now_rel = now.saturating_duration_since(self.origin).as_millis() as u64;
+        let now_rel = self.ds_of(now);
         self.records
             .iter()
             .map(|(id, r)| crate::upgrade::manifest::PresenceRecordHandoff {
@@ -274,7 +285,7 @@ impl PresenceTable {
                 last_seen_ms: r.last_seen_ms,
                 session: r.session,
                 grace_remaining_ms: (r.state == State::Grace)
-                    .then(|| r.grace_until_ms.saturating_sub(now_rel)),
+                    .then(|| u64::from(r.grace_until_ds.saturating_sub(now_rel)) * 100),
                 offline_reason: r.offline_reason.map(|x| x.as_str().to_owned()),
                 conn: r.conn.map(|c| (c.shard, c.key, c.gen)),
             })
@@ -305,7 +316,7 @@ impl PresenceTable {
                 since_ms: h.since_ms,
                 last_seen_ms: h.last_seen_ms,
                 session: h.session,
-                grace_until_ms: 0,
+                grace_until_ds: 0,
                 conn: h.conn.map(|(shard, key, gen)| ConnRef { shard, key, gen }),
                 state,
                 offline_reason,
@@ -315,8 +326,7 @@ impl PresenceTable {
                 State::Grace => {
                     self.in_grace += 1;
                     let until = now + Duration::from_millis(h.grace_remaining_ms.unwrap_or(0));
-                    rec.grace_until_ms =
-                        until.saturating_duration_since(self.origin).as_millis() as u64;
+                    rec.grace_until_ds = self.ds_of(until);
                     rec.conn = None;
                     self.grace
                         .insert(until, (h.agent.as_str().into(), h.session));
@@ -358,7 +368,7 @@ impl PresenceTable {
                     since_ms: r.since_ms,
                     last_seen_ms: r.last_seen_ms,
                     session: r.session,
-                    grace_until_ms: 0,
+                    grace_until_ds: 0,
                     conn: None,
                     state: if online {
                         State::Online
@@ -399,10 +409,10 @@ impl PresenceTable {
     pub fn expire(&mut self, now: Instant, now_ms: u64, out: &mut Vec<Transition>) {
         let records = &mut self.records;
         let in_grace = &mut self.in_grace;
-        let now_rel = now.saturating_duration_since(self.origin).as_millis() as u64;
+        let now_rel = ds_since(self.origin, now);
         self.grace.expire(now, |(id, session)| {
             if let Some(rec) = records.get_mut(&id) {
-                let due = rec.grace_until_ms <= now_rel;
+                let due = rec.grace_until_ds <= now_rel;
                 if rec.state == State::Grace && rec.session == session && due {
                     *in_grace -= 1;
                     rec.state = State::Offline;

@@ -603,6 +603,7 @@ pub async fn run(
     }
     let origin = Instant::now();
     let tick = wheel_tick(&rt);
+    let per_shard = (rt.config.server.max_connections as usize / nshards.max(1)).min(1 << 22);
     let (accept_tx, accept_rx) = local_channel::new_unbounded::<AcceptCtl>();
     let poller = match Poller::new() {
         Ok(p) => p,
@@ -614,7 +615,9 @@ pub async fn run(
     let shard = Rc::new(Shard {
         id,
         nshards,
-        conns: RefCell::new(Slab::new()),
+        // Sized for this shard's share of server.max_connections up front:
+        // no reallocation of a huge table while serving.
+        conns: RefCell::new(Slab::with_capacity(per_shard)),
         wheel: RefCell::new(DeadlineWheel::new(origin, tick, 1024)),
         poller,
         scratch: RefCell::new(Scratch::default()),
