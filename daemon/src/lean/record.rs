@@ -1341,61 +1341,7 @@ mod tests {
         assert_eq!(r, Err(RecordError::RxSeqExhausted));
     }
 
-    /// Per-record cost of deriving the key from the secret on every record.
-    /// `cargo test --release -p presenced --lib lean::record::tests::cost -- --ignored --nocapture`
-    #[test]
-    #[ignore = "timing report, run in release"]
-    fn cost() {
-        for suite in SUITES {
-            let (mut server, mut client) = pair(suite);
-            let n = 20_000;
-            let payload = [0u8; 11]; // a HEARTBEAT frame
-            let mut wire = Vec::with_capacity(64);
-            let t = std::time::Instant::now();
-            for _ in 0..n {
-                wire.clear();
-                server.seal(&payload, &mut wire).unwrap();
-            }
-            let seal = t.elapsed() / n;
-            let mut wires = Vec::new();
-            for _ in 0..n {
-                let mut w = Vec::new();
-                client.seal(&payload, &mut w).unwrap();
-                wires.push(w);
-            }
-            let mut out = Vec::new();
-            let t = std::time::Instant::now();
-            for w in &mut wires {
-                server.read_record(w, &mut out).unwrap();
-            }
-            let open = t.elapsed() / n;
-            let t = std::time::Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(derive_key_iv(suite, server.secrets().1).unwrap());
-            }
-            let derive = t.elapsed() / n;
-            // The same seal with a prebuilt key, for comparison.
-            let (key, iv) = derive_key_iv(suite, server.secrets().1).unwrap();
-            let t = std::time::Instant::now();
-            for i in 0..n {
-                let mut buf = [0u8; 12];
-                let mut nonce = iv;
-                nonce[11] ^= i as u8;
-                let tag = key
-                    .seal_in_place_separate_tag(
-                        aead::Nonce::assume_unique_for_key(nonce),
-                        aead::Aad::from([23u8, 3, 3, 0, 28]),
-                        &mut buf,
-                    )
-                    .unwrap();
-                let _ = std::hint::black_box(tag);
-            }
-            let prebuilt = t.elapsed() / n;
-            eprintln!(
-                "{suite:?}: seal {seal:?} open {open:?} (key+iv derivation {derive:?}; seal with a prebuilt key {prebuilt:?})"
-            );
-        }
-    }
+    // Per-record cost: `cargo run --release -p presenced --example record_cost`.
 
     #[test]
     fn key_update_flood_is_cut_off() {
