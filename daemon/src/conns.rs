@@ -80,6 +80,18 @@ impl Default for Scratch {
     }
 }
 
+/// The live session at `key` with generation `gen`, if any.
+fn session_mut(conns: &mut slab::Slab<ConnEntry>, key: usize, gen: u32) -> Option<&mut Session> {
+    match conns
+        .get_mut(key)
+        .filter(|e| e.gen == gen)
+        .map(|e| &mut e.kind)
+    {
+        Some(Kind::Session(s)) => Some(s),
+        _ => None,
+    }
+}
+
 /// Epoll data: slab key in the low half, generation in the high half.
 fn token(key: usize, gen: u32) -> u64 {
     (u64::from(gen) << 32) | key as u64
@@ -248,11 +260,7 @@ impl Shard {
     fn on_ready(&self, key: usize, gen: u32, flags: EpollFlags) {
         let (steps, close) = {
             let mut conns = self.conns.borrow_mut();
-            let Some(Kind::Session(s)) = conns
-                .get_mut(key)
-                .filter(|e| e.gen == gen)
-                .map(|e| &mut e.kind)
-            else {
+            let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
             };
             let mut close = false;
@@ -455,11 +463,7 @@ impl Shard {
     ) {
         {
             let mut conns = self.conns.borrow_mut();
-            let Some(Kind::Session(s)) = conns
-                .get_mut(key)
-                .filter(|e| e.gen == gen)
-                .map(|e| &mut e.kind)
-            else {
+            let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
             };
             let mut scratch = self.scratch.borrow_mut();
@@ -787,11 +791,7 @@ impl Shard {
     fn kick(&self, key: usize, gen: u32) {
         let steps = {
             let mut conns = self.conns.borrow_mut();
-            let Some(Kind::Session(s)) = conns
-                .get_mut(key)
-                .filter(|e| e.gen == gen)
-                .map(|e| &mut e.kind)
-            else {
+            let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
             };
             let Some(p) = s.pending.as_mut() else {

@@ -12,6 +12,20 @@ use serde::Serialize;
 
 use crate::wheel::DeadlineWheel;
 
+/// Move a record to Offline for `reason`; the transition to publish.
+fn go_offline(rec: &mut Record, id: &str, reason: OfflineReason, now_ms: u64) -> Transition {
+    rec.state = State::Offline;
+    rec.conn = None;
+    rec.since_ms = now_ms;
+    rec.offline_reason = Some(reason);
+    Transition {
+        agent: id.into(),
+        online: false,
+        reason: reason.as_str(),
+        ts_ms: now_ms,
+    }
+}
+
 /// Tenths of a second from `origin` to `t` (rounded up, saturating).
 fn ds_since(origin: Instant, t: Instant) -> u32 {
     let ms = t.saturating_duration_since(origin).as_millis();
@@ -233,18 +247,7 @@ impl PresenceTable {
             return None;
         }
         rec.last_seen_ms = rec.last_seen_ms.max(last_seen_ms);
-        let offline = |rec: &mut Record, reason: OfflineReason| {
-            rec.state = State::Offline;
-            rec.conn = None;
-            rec.since_ms = now_ms;
-            rec.offline_reason = Some(reason);
-            Some(Transition {
-                agent: id.into(),
-                online: false,
-                reason: reason.as_str(),
-                ts_ms: now_ms,
-            })
-        };
+        let offline = |rec: &mut Record, reason| Some(go_offline(rec, id, reason, now_ms));
         match reason {
             GoneReason::Bye => {
                 self.online -= 1;
@@ -394,15 +397,7 @@ impl PresenceTable {
             return None;
         }
         self.online -= 1;
-        rec.state = State::Offline;
-        rec.since_ms = now_ms;
-        rec.offline_reason = Some(reason);
-        Some(Transition {
-            agent: id.into(),
-            online: false,
-            reason: reason.as_str(),
-            ts_ms: now_ms,
-        })
+        Some(go_offline(rec, id, reason, now_ms))
     }
 
     /// Grace periods that ended by `now` turn into `offline` (reason `disconnect`).

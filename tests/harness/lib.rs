@@ -186,36 +186,7 @@ impl Daemon {
 
     /// Spawn `presenced serve` on the setup already in `dir`.
     pub fn spawn_in(dir: tempfile::TempDir) -> Self {
-        let log = dir.path().join("presenced.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin("presenced"))
-            .args(["serve", "--config"])
-            .arg(dir.path().join("presenced.toml"))
-            .env(
-                "RUST_LOG",
-                std::env::var("PRESENCED_TEST_LOG")
-                    .unwrap_or_else(|_| "info,presenced=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn presenced serve");
-        let control = dir.path().join("control.sock");
-        let fleet_key = FleetKey::load(&dir.path().join("fleet.key")).expect("fleet key");
-        let ca = dir.path().join("tls/cert.pem");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            control,
-            fleet_key,
-            ca,
-            log,
-            successors: std::sync::Mutex::new(Vec::new()),
-        };
-        d.addr = d.wait_ready(Duration::from_secs(20));
-        d
+        Self::spawn_in_env(dir, &[], false)
     }
 
     fn wait_ready(&mut self, limit: Duration) -> SocketAddr {
@@ -376,6 +347,37 @@ impl Drop for Daemon {
     }
 }
 
+/// `presenced serve` on the setup in `dir`, output to `log`. With
+/// `watchdog_pid_self`, `WATCHDOG_PID` is set to the daemon's own pid (as
+/// systemd does) by starting it through `sh -c 'WATCHDOG_PID=$$ exec ...'`.
+fn spawn_serve(
+    dir: &Path,
+    log: std::fs::File,
+    env: &[(&str, &str)],
+    watchdog_pid_self: bool,
+) -> Child {
+    let mut cmd = if watchdog_pid_self {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@""#)
+            .arg(bin("presenced"));
+        c
+    } else {
+        Command::new(bin("presenced"))
+    };
+    cmd.args(["serve", "--config"])
+        .arg(dir.join("presenced.toml"))
+        .env(
+            "RUST_LOG",
+            std::env::var("PRESENCED_TEST_LOG").unwrap_or_else(|_| "info,presenced=debug".into()),
+        )
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log);
+    cmd.spawn().expect("spawn presenced serve")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -391,16 +393,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin("presenced"))
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("presenced.toml"))
-            .env("RUST_LOG", "info,presenced=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("respawn presenced");
-        self.child = Some(child);
+        self.child = Some(spawn_serve(self.dir.path(), log, &[], false));
         self.addr = self.wait_ready(Duration::from_secs(20));
     }
 
@@ -500,24 +493,7 @@ impl Daemon {
     ) -> Self {
         let log = dir.path().join("presenced.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let config = dir.path().join("presenced.toml");
-        let mut cmd = if watchdog_pid_self {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(r#"WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@""#)
-                .arg(bin("presenced"));
-            c
-        } else {
-            Command::new(bin("presenced"))
-        };
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info,presenced=debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file);
-        let child = cmd.spawn().expect("spawn presenced serve");
+        let child = spawn_serve(dir.path(), log_file, env, watchdog_pid_self);
         let control = dir.path().join("control.sock");
         let fleet_key = FleetKey::load(&dir.path().join("fleet.key")).expect("fleet key");
         let ca = dir.path().join("tls/cert.pem");
@@ -566,4 +542,15 @@ pub fn presencectl_at(socket: &Path, args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .expect("spawn presencectl")
+}
+
+impl Daemon {
+    /// A process that took over from this daemon by an upgrade started some
+    /// other way than [`Daemon::upgrade`] (e.g. `presencectl upgrade`):
+    /// kill it with this daemon.
+    pub fn track_successor(&self, pid: u32) {
+        if let Ok(mut s) = self.successors.lock() {
+            s.push(pid);
+        }
+    }
 }
