@@ -470,6 +470,7 @@ pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
         "events_next_seq": next_seq,
         "events_oldest_seq": oldest_seq,
         "reload": rt.reload_status(),
+        "record_layer": rt.record_layer.lock().map(|l| l.clone()).unwrap_or_default(),
         "events_by_reason": events_by_reason,
         "presumed_online": sum(|s| s.presumed_online),
         "state": per_shard.iter().map(|s| s.state.as_ref().map(|st| st.presence)).collect::<Vec<_>>(),

@@ -20,6 +20,8 @@ pub struct Runtime {
     pub binary: std::path::PathBuf,
     /// The shards' listening descriptors (for a live hand-over).
     listener_fds: Mutex<Vec<i32>>,
+    /// The TLS record layer in use, and why ("userspace: kTLS unavailable: ...").
+    pub record_layer: Mutex<String>,
     /// CPUs the process could use at start (before shards pinned threads):
     /// a new binary started by an upgrade gets the same.
     pub startup_cpus: Mutex<Vec<usize>>,
@@ -63,6 +65,7 @@ impl Runtime {
             binary: std::env::current_exe().unwrap_or_default(),
             listener_fds: Mutex::new(Vec::new()),
             startup_cpus: Mutex::new(Vec::new()),
+            record_layer: Mutex::new(String::new()),
             tls: RwLock::new(tls),
             fleet_key: RwLock::new(fleet_key),
             ticketer,

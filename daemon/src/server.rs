@@ -278,6 +278,23 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
     let mut control = Some(control);
     let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
     spawn_ticket_rotation(runtime.clone());
+    // kTLS: detected once; the userspace record layer serves either way
+    // (the kernel hand-off is not implemented; see lean::ktls).
+    let support = crate::lean::ktls::detect();
+    let layer = match (&support, crate::lean::ktls::record_path(&support)) {
+        (_, crate::lean::ktls::RecordPath::Kernel) => "kernel".to_owned(),
+        (crate::lean::ktls::KtlsSupport::Available, _) => {
+            "userspace (kTLS available; kernel hand-off not implemented)".to_owned()
+        }
+        (crate::lean::ktls::KtlsSupport::Unsupported(e), _) => {
+            format!("userspace (kTLS unavailable: {e})")
+        }
+    };
+    info!(record_layer = %layer, "TLS record layer");
+    *runtime
+        .record_layer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = layer;
     runtime.set_listener_fds(
         listeners
             .iter()
