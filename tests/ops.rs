@@ -241,6 +241,91 @@ async fn presencectl_events_tails_replays_and_ends_on_eof() {
     }
 }
 
+/// `pid N` in `presencectl upgrade`'s table (`upgraded: pid N now serves ...`).
+fn upgraded_pid(table: &str) -> Option<u32> {
+    let rest = table.strip_prefix("upgraded: pid ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn presencectl_upgrade_hands_over_to_a_new_process() {
+    let d = Daemon::start();
+    let first = d.pid();
+
+    // --json: the daemon's report as is.
+    let o = d.presencectl(&["upgrade", "--json"]);
+    let report: Value = serde_json::from_str(stdout(&o).trim())
+        .unwrap_or_else(|e| panic!("{e}: stdout {} stderr {}", stdout(&o), stderr(&o)));
+    let second = report["new_pid"].as_u64().map(|p| p as u32);
+    if let Some(pid) = second {
+        d.track_successor(pid);
+    }
+    assert_eq!(code(&o), 0, "{report} {}", stderr(&o));
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(report["error"].is_null(), "{report}");
+    for key in ["connections", "records", "uncarried", "elapsed_ms"] {
+        assert!(report[key].is_u64(), "{key} in {report}");
+    }
+    let second = second.expect("new_pid");
+    assert_ne!(second, first);
+    let stats: Value = serde_json::from_str(&ok(&d.presencectl(&["stats", "--json"]))).unwrap();
+    assert_eq!(
+        stats["pid"], second,
+        "the new process answers on the same path"
+    );
+
+    // The table, from the process that took over.
+    let o = d.presencectl(&["upgrade"]);
+    let third = upgraded_pid(&stdout(&o));
+    if let Some(pid) = third {
+        d.track_successor(pid);
+    }
+    let table = ok(&o);
+    let third = third.unwrap_or_else(|| panic!("no pid in:\n{table}"));
+    assert_ne!(third, second);
+    assert!(table.contains("connections"), "{table}");
+    let stats: Value = serde_json::from_str(&ok(&d.presencectl(&["stats", "--json"]))).unwrap();
+    assert_eq!(stats["pid"], third);
+
+    // A binary that cannot start: exit 1 with the daemon's reason, and the
+    // running process keeps serving.
+    let missing = d.dir.path().join("no-such-presenced");
+    let o = d.presencectl(&["upgrade", "--binary", missing.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{} {}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("upgrade failed"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no-such-presenced"), "{}", stderr(&o));
+    let stats: Value = serde_json::from_str(&ok(&d.presencectl(&["stats", "--json"]))).unwrap();
+    assert_eq!(stats["pid"], third);
+
+    // A path the one-line request cannot carry is a usage error.
+    assert_eq!(code(&d.presencectl(&["upgrade", "--binary", "a b"])), 2);
+}
+
+#[test]
+fn presencectl_guard_status_and_release() {
+    let d = Daemon::start();
+    let table = ok(&d.presencectl(&["guard"]));
+    let state = table
+        .lines()
+        .find(|l| l.starts_with("guard "))
+        .unwrap_or_default();
+    assert_eq!(state.split_whitespace().nth(1), Some("inactive"), "{table}");
+    assert!(table.contains("held offline events: none"), "{table}");
+
+    let v: Value = serde_json::from_str(&ok(&d.presencectl(&["guard", "--json"]))).unwrap();
+    assert_eq!(v["status"]["state"], "inactive", "{v}");
+    assert_eq!(v["status"]["held"], 0, "{v}");
+    assert_eq!(v["held"], serde_json::json!([]), "{v}");
+
+    let out = ok(&d.presencectl(&["guard", "release"]));
+    assert!(out.contains("released 0"), "{out}");
+    let out = ok(&d.presencectl(&["guard", "release", "host-a"]));
+    assert!(out.contains("host-a has no held offline event"), "{out}");
+    let v: Value =
+        serde_json::from_str(&ok(&d.presencectl(&["guard", "release", "--json"]))).unwrap();
+    assert_eq!(v, serde_json::json!({"ok": true, "released": 0}));
+}
+
 #[test]
 fn presencectl_errors_name_the_socket_and_what_to_check() {
     let dir = tempfile::tempdir().unwrap();

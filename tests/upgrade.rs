@@ -361,3 +361,45 @@ async fn certificate_reload_under_load() {
     assert_no_failures(&reports);
     assert!(reports.iter().all(|(_, r)| r.acked >= 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_the_metrics_endpoint_and_held_guard_events() {
+    let metrics = presenced_tests::free_addr();
+    let d = Daemon::start_with(Options {
+        offline_grace: "300ms",
+        extra: format!(
+            "[metrics]\nlisten = \"{metrics}\"\n\n[guard]\nmin_offline = 10\nwindow = \"10s\"\nrelease_quiet = \"60s\"\n"
+        ),
+        ..Options::default()
+    });
+    let mut conns = Vec::new();
+    for i in 0..100 {
+        conns.push(d.agent(&format!("gu-{i}")).await.0);
+    }
+    // A surge the guard holds.
+    conns.truncate(60);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held_before = d.control_json("guard")["held"].as_array().unwrap().len();
+    assert_eq!(held_before, 40);
+
+    let report = d.upgrade(None);
+    assert_eq!(report["ok"], true, "{report}\n{}", d.log_text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process serves (its metrics endpoint too) ...
+    let s = d.stats();
+    assert_eq!(s["pid"], report["new_pid"], "{s}");
+    let body = {
+        use std::io::{Read, Write};
+        let mut c =
+            std::net::TcpStream::connect(&metrics).expect("metrics endpoint after the upgrade");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut b = String::new();
+        c.read_to_string(&mut b).unwrap();
+        b
+    };
+    assert!(body.contains("presenced_connections"), "{body}");
+    // ... and still holds what the old one held.
+    let g = d.control_json("guard");
+    assert_eq!(g["held"].as_array().unwrap().len(), 40, "{g}");
+    assert_eq!(g["status"]["state"], "active", "{g}");
+}

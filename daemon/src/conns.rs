@@ -849,7 +849,10 @@ mod size_tests {
             ("Session", std::mem::size_of::<Session>()),
             ("LeanSession", std::mem::size_of::<LeanSession>()),
             ("ConnEntry", std::mem::size_of::<ConnEntry>()),
-            ("slab entry", std::mem::size_of::<slab::Slab<ConnEntry>>()),
+            (
+                "slab slot (ConnEntry in slab::Entry)",
+                std::mem::size_of::<ConnEntry>() + 8,
+            ),
             (
                 "presence Record",
                 std::mem::size_of::<crate::presence::Record>(),

@@ -142,7 +142,7 @@ pub enum Request {
 }
 
 const USAGE: &str =
-    "try: stats, agent <id>, events [from <seq>], metrics, reload, upgrade [<binary>], ping";
+    "try: stats, agent <id>, events [from <seq>], metrics, reload, guard [release [<id>]], upgrade [<binary>], ping";
 
 /// Parse one request line.
 pub fn parse_request(line: &str) -> Result<Request, String> {

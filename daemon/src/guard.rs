@@ -393,6 +393,26 @@ impl MassOfflineGuard {
         Verdict::Hold
     }
 
+    /// A process that took over by a live upgrade: hold again the offline
+    /// events the previous one held (ids from the state directory), still
+    /// active, so they are released only once the surge has passed.
+    pub fn restore_held(&mut self, now_ms: u64, agents: impl IntoIterator<Item = Box<str>>) {
+        let mut any = false;
+        for agent in agents {
+            let t = Transition {
+                agent,
+                online: false,
+                reason: "disconnect",
+                ts_ms: now_ms,
+            };
+            self.hold(now_ms, &t, 0);
+            any = true;
+        }
+        if any && !self.is_active() {
+            self.activate(now_ms, 0, self.online_fleet, "held events handed over");
+        }
+    }
+
     fn hold(&mut self, now_ms: u64, t: &Transition, session: u64) {
         let h = Held {
             agent: t.agent.clone(),

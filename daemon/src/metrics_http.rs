@@ -58,6 +58,9 @@ fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
     .map_err(with_addr)?;
     sock.set_cloexec(true).map_err(with_addr)?;
     sock.set_reuse_address(true).map_err(with_addr)?;
+    // A live upgrade's new process binds this address while the old one
+    // still holds it (both set SO_REUSEPORT); the old one's exit frees it.
+    sock.set_reuse_port(true).map_err(with_addr)?;
     // Inherited by accepted sockets. (Not SO_RCVTIMEO: it would also make
     // the blocking accept() time out, which stops tiny_http's accept loop.)
     sock.set_write_timeout(Some(WRITE_TIMEOUT))

@@ -276,6 +276,9 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
             .map(|m| m.ino())
     };
     let mut control = Some(control);
+    let took_over = adopted
+        .iter()
+        .any(|a| !a.conns.is_empty() || !a.records.is_empty() || a.events.is_some());
     let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
     spawn_ticket_rotation(runtime.clone());
     // kTLS: detected once; the userspace record layer serves either way
@@ -309,8 +312,15 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         .unwrap_or_else(|p| p.into_inner()) = cpus.clone();
     info!(listen = %runtime.listen, shards, "presenced listening");
     if let Some(addr) = runtime.config.metrics.listen {
-        crate::metrics_http::spawn(addr, runtime.config.server.control_socket.clone())
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let spawned =
+            crate::metrics_http::spawn(addr, runtime.config.server.control_socket.clone());
+        match spawned {
+            Ok(()) => {}
+            // After a committed hand-over this process is the only one left
+            // serving agents: nothing optional may stop it now.
+            Err(e) if took_over => tracing::warn!("metrics endpoint not started: {e}"),
+            Err(source) => return Err(ServerError::Bind { addr, source }),
+        }
     }
     let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
     let mut handles = Vec::with_capacity(shards);

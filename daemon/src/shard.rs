@@ -344,6 +344,9 @@ impl Shard {
                 if let Some(d) = self.durable.get() {
                     d.shutdown();
                 }
+                // The next process holds them again (guard.held).
+                self.last_held_saved.set(usize::MAX);
+                self.save_held_if_changed();
                 let _ = reply.send(());
             }
         }
@@ -369,6 +372,11 @@ impl Shard {
                 return;
             }
         }
+        self.publish_numbered(log, t);
+    }
+
+    /// Number and keep a transition, within the durably reserved seqs.
+    fn publish_numbered(&self, log: &RefCell<EventLog>, t: Transition) {
         let next = log.borrow().next_seq();
         if let Some(d) = self.durable.get() {
             // Never publish a seq that is not durably reserved: numbering
@@ -499,9 +507,9 @@ impl Shard {
             }
         };
         let n = released.len();
-        for h in released {
-            if let Some(log) = &self.events {
-                log.borrow_mut().publish(h.to_transition());
+        if let Some(log) = &self.events {
+            for h in released {
+                self.publish_numbered(log, h.to_transition());
             }
         }
         self.save_held_if_changed();
@@ -697,6 +705,19 @@ pub async fn run(
                 d.reserve_seq_now(log.next_seq() + crate::persist::SEQ_HEADROOM);
             }
             let _ = shard.durable.set(d);
+            if let (true, Some(g)) = (handed_over, &shard.guard) {
+                if let Ok(Ok(ids)) = crate::persist::load_guard_held(&shard.rt.config.state.dir) {
+                    let n = ids.len();
+                    g.borrow_mut().restore_held(crate::runtime::wall_ms(), ids);
+                    shard.last_held_saved.set(n);
+                    if n > 0 {
+                        info!(
+                            held = n,
+                            "holding the previous process's held offline events"
+                        );
+                    }
+                }
+            }
         }
         Err(e) => warn!(
             shard = id,

@@ -64,6 +64,39 @@ enum Cmd {
     Ping,
     /// The Prometheus text exposition.
     Metrics,
+    /// Hand every connection, presence record and the event ring to a new
+    /// process started from BINARY (default: the binary the daemon runs
+    /// from); the old process exits once the new one serves.
+    Upgrade {
+        /// The new presenced binary (default: the path the running daemon
+        /// was started from, i.e. the file now installed there).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Print the daemon's JSON report as is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The mass-offline guard: its state and the offline events it holds.
+    Guard {
+        /// Print the daemon's JSON as is.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<GuardAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuardAction {
+    /// Publish held offline events now: all of them (and reset the guard),
+    /// or only the one of agent ID.
+    Release {
+        /// Release only this agent's held offline event.
+        id: Option<String>,
+        /// Print the daemon's JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Why presencectl failed; decides the exit code.
@@ -72,12 +105,18 @@ enum Failure {
     Connect(String),
     /// 1: the daemon answered with an error, or the conversation broke.
     Daemon(String),
+    /// 2: an argument the daemon could not be sent.
+    Usage(String),
 }
 
 type Result<T> = std::result::Result<T, Failure>;
 
 /// How long a one-shot reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an upgrade may take: the daemon answers only once the new
+/// process serves (or the hand-over failed), and each of its steps may wait
+/// up to 20 s for the other process.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -92,9 +131,20 @@ fn main() -> ExitCode {
         Cmd::Reload => reload(&cli.socket),
         Cmd::Ping => ping(&cli.socket),
         Cmd::Metrics => metrics(&cli.socket),
+        Cmd::Upgrade { binary, json } => upgrade(&cli.socket, binary.as_deref(), *json),
+        Cmd::Guard { json, action } => match action {
+            None => guard(&cli.socket, *json),
+            Some(GuardAction::Release { id, json: j }) => {
+                guard_release(&cli.socket, id.as_deref(), *json || *j)
+            }
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("presencectl: {m}");
+            ExitCode::from(2)
+        }
         Err(Failure::Daemon(m)) => {
             eprintln!("presencectl: {m}");
             ExitCode::from(1)
@@ -146,8 +196,13 @@ fn broken(socket: &Path, e: std::io::Error) -> Failure {
 
 /// Send `cmd`; return everything the daemon wrote until it closed.
 fn request(socket: &Path, cmd: &str) -> Result<String> {
+    request_within(socket, cmd, REPLY_TIMEOUT)
+}
+
+/// [`request`] with its own reply timeout.
+fn request_within(socket: &Path, cmd: &str, timeout: Duration) -> Result<String> {
     let mut s = connect(socket)?;
-    s.set_read_timeout(Some(REPLY_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| broken(socket, e))?;
     s.write_all(format!("{cmd}\n").as_bytes())
         .map_err(|e| broken(socket, e))?;
@@ -229,6 +284,175 @@ fn reload(socket: &Path) -> Result<()> {
     Err(Failure::Daemon(format!(
         "reload failed: {why}\nthe previous certificate, key and fleet key stay in service; fix the file and reload again"
     )))
+}
+
+fn upgrade(socket: &Path, binary: Option<&Path>, json: bool) -> Result<()> {
+    let cmd = match binary {
+        None => "upgrade".to_owned(),
+        Some(b) => {
+            // The daemon resolves a relative path against its own working
+            // directory (`/` under systemd): send it absolute.
+            let abs = std::path::absolute(b).map_err(|e| {
+                Failure::Usage(format!("--binary {}: {}", b.display(), os_message(&e)))
+            })?;
+            let text = abs.to_str().ok_or_else(|| {
+                Failure::Usage(format!("--binary {}: not valid UTF-8", abs.display()))
+            })?;
+            if text.chars().any(char::is_whitespace) {
+                return Err(Failure::Usage(format!(
+                    "--binary {text}: the control socket cannot carry a path with whitespace; \
+                     use a path (or symlink) without it"
+                )));
+            }
+            format!("upgrade {text}")
+        }
+    };
+    let text = request_within(socket, &cmd, UPGRADE_TIMEOUT)?;
+    let v: Value = serde_json::from_str(text.trim()).map_err(|e| {
+        Failure::Daemon(format!(
+            "unexpected reply to `upgrade` ({e}): {}",
+            text.trim()
+        ))
+    })?;
+    if json {
+        out(&format!("{v}\n"));
+    }
+    if v["ok"] != Value::Bool(true) {
+        let why = v["error"].as_str().unwrap_or("no reason given");
+        return Err(Failure::Daemon(format!(
+            "upgrade failed: {why}\nthe running daemon keeps serving every connection"
+        )));
+    }
+    if !json {
+        out(&upgrade_table(&v));
+    }
+    Ok(())
+}
+
+fn upgrade_table(v: &Value) -> String {
+    let mut s = format!(
+        "upgraded: pid {} now serves on the same control socket; the previous process exits\n",
+        v["new_pid"]
+    );
+    let rows = [
+        ("connections", u(&v["connections"]).to_string()),
+        ("records", u(&v["records"]).to_string()),
+        (
+            "not carried",
+            format!(
+                "{} (mid-handshake or mid-KeyUpdate: sent RECONNECT or closed)",
+                u(&v["uncarried"])
+            ),
+        ),
+        ("took", format!("{} ms", u(&v["elapsed_ms"]))),
+    ];
+    for (k, val) in rows {
+        s.push_str(&format!("{k:<15} {val}\n"));
+    }
+    s
+}
+
+fn guard(socket: &Path, json: bool) -> Result<()> {
+    let v = request_json(socket, "guard")?;
+    if json {
+        out(&format!("{v}\n"));
+    } else {
+        out(&guard_table(&v, now_ms()));
+    }
+    Ok(())
+}
+
+fn guard_release(socket: &Path, id: Option<&str>, json: bool) -> Result<()> {
+    let cmd = match id {
+        Some(id) => format!("guard release {id}"),
+        None => "guard release".to_owned(),
+    };
+    let v = request_json(socket, &cmd)?;
+    if json {
+        out(&format!("{v}\n"));
+        return Ok(());
+    }
+    let n = u(&v["released"]);
+    out(&match (id, n) {
+        (Some(id), 0) => format!("agent {id} has no held offline event; nothing released\n"),
+        (Some(id), _) => format!("released the held offline event of {id}; it is published now\n"),
+        (None, n) => format!(
+            "released {n} held offline event(s); they are published now and the guard is inactive\n"
+        ),
+    });
+    Ok(())
+}
+
+/// `guard`: status rows, then the held offline events.
+fn guard_table(v: &Value, now: u64) -> String {
+    let st = &v["status"];
+    let pct = |x: &Value| format!("{:.2}%", x.as_f64().unwrap_or(0.0) * 100.0);
+    let ms = |x: &Value| humantime::format_duration(Duration::from_millis(u(x))).to_string();
+    let mut s = String::new();
+    let mut row = |k: &str, val: String| s.push_str(&format!("{k:<15} {val}\n"));
+    row("guard", st["state"].as_str().unwrap_or("?").to_owned());
+    row("since", when(&st["since_ms"], now));
+    row(
+        "window",
+        format!(
+            "{} offline in the last {} ({} of {} online; threshold {}, at least {})",
+            u(&st["window_offline"]),
+            ms(&st["window_ms"]),
+            pct(&st["share"]),
+            u(&st["online_fleet"]),
+            pct(&st["threshold_share"]),
+            u(&st["min_offline"]),
+        ),
+    );
+    row(
+        "release",
+        match st["quiet_since_ms"].as_u64() {
+            Some(_) => format!(
+                "below the threshold since {}; held events go out after {} of quiet",
+                when(&st["quiet_since_ms"], now),
+                ms(&st["release_quiet_ms"])
+            ),
+            None => format!("after {} below the threshold", ms(&st["release_quiet_ms"])),
+        },
+    );
+    row("held", u(&st["held"]).to_string());
+    row(
+        "totals",
+        format!(
+            "activations {}, held {}, released {}, suppressed {}",
+            u(&st["activations_total"]),
+            u(&st["held_total"]),
+            u(&st["released_total"]),
+            u(&st["suppressed_total"])
+        ),
+    );
+    let held = v["held"].as_array().map(Vec::as_slice).unwrap_or_default();
+    s.push('\n');
+    if held.is_empty() {
+        s.push_str("held offline events: none\n");
+        return s;
+    }
+    s.push_str(&format!(
+        "{:<40} {:<16} {:<45} held at\n",
+        "agent", "reason", "went offline"
+    ));
+    for h in held {
+        s.push_str(&format!(
+            "{:<40} {:<16} {:<45} {}\n",
+            h["agent"].as_str().unwrap_or("?"),
+            h["reason"].as_str().unwrap_or("?"),
+            when(&h["ts_ms"], now),
+            when(&h["held_at_ms"], now),
+        ));
+    }
+    if (held.len() as u64) < u(&st["held"]) {
+        s.push_str(&format!(
+            "(the first {} of {} held events; `--json` has the same list)\n",
+            held.len(),
+            u(&st["held"])
+        ));
+    }
+    s
 }
 
 fn agent(socket: &Path, id: &str, json: bool) -> Result<()> {
