@@ -59,8 +59,10 @@ pub struct StateConfig {
     /// How often changes are written and fsync'd (the crash window).
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// After an unplanned restart, agents that were online stay presumed
-    /// online this long; those not back by then go offline `not_reconnected`.
+    /// After a restart (planned or not), agents that were online stay
+    /// presumed online this long; those not back by then go offline
+    /// `not_reconnected`. (A live upgrade needs none of this: presence is
+    /// handed over.)
     #[serde(with = "humantime_serde")]
     pub restart_grace: Duration,
     /// Rewrite the snapshot once the log holds this many changes.

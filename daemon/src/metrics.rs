@@ -31,7 +31,7 @@ const QUANTILES: [(&str, &str); 4] = [
 ];
 
 /// Per-shard counters: (stats key, metric name without prefix, help).
-const COUNTERS: [(&str, &str, &str); 9] = [
+const COUNTERS: &[(&str, &str, &str)] = &[
     (
         "accepted_total",
         "accepted_total",
@@ -73,10 +73,20 @@ const COUNTERS: [(&str, &str, &str); 9] = [
         "Sessions closed for silence (offline reason timeout).",
     ),
     ("byes_total", "byes_total", "BYE frames received."),
+    (
+        "handshakes_resumed_total",
+        "handshakes_resumed_total",
+        "TLS handshakes that resumed a session with a ticket (full = handshakes_total - this).",
+    ),
+    (
+        "admission_rejected_total",
+        "admission_rejected_total",
+        "Connections closed before TLS by admission control (handshake caps).",
+    ),
 ];
 
 /// Per-shard gauges: (stats key, metric name without prefix, help).
-const GAUGES: [(&str, &str, &str); 7] = [
+const GAUGES: &[(&str, &str, &str)] = &[
     (
         "connections",
         "connections",
@@ -107,6 +117,16 @@ const GAUGES: [(&str, &str, &str); 7] = [
         "accept_backlog",
         "accept_backlog",
         "Capacity of the listen socket's accept queue (backlog, capped by somaxconn).",
+    ),
+    (
+        "handshakes_in_flight",
+        "handshakes_in_flight",
+        "TLS handshakes in progress.",
+    ),
+    (
+        "presumed_online",
+        "presumed_online",
+        "Agents presumed online after a restart that have not reconnected yet.",
     ),
 ];
 
@@ -312,6 +332,63 @@ pub fn render(stats: &Value) -> String {
             f.push(vec![], v);
         }
         families.push(f);
+    }
+
+    // --- the mass-offline guard (event shard) ---------------------------------
+    {
+        let g = &stats["guard"];
+        let active = match g["state"].as_str() {
+            Some("active") => Some("1"),
+            Some(_) => Some("0"),
+            None => None,
+        };
+        let mut f = Family::new(
+            "guard_active",
+            "gauge",
+            "1 while the mass-offline guard holds offline events as suspect.",
+        );
+        if let Some(v) = active {
+            f.push(vec![], v);
+        }
+        families.push(f);
+        for (key, name, kind, help) in [
+            (
+                "held",
+                "guard_held",
+                "gauge",
+                "Offline events held as suspect now.",
+            ),
+            (
+                "activations_total",
+                "guard_activations_total",
+                "counter",
+                "Times the guard activated.",
+            ),
+            (
+                "held_total",
+                "guard_held_events_total",
+                "counter",
+                "Offline events ever held.",
+            ),
+            (
+                "released_total",
+                "guard_released_total",
+                "counter",
+                "Held offline events published after the surge (or by an operator).",
+            ),
+            (
+                "suppressed_total",
+                "guard_suppressed_total",
+                "counter",
+                "Held offline events dropped because the agent came back.",
+            ),
+        ] {
+            let mut f = Family::new(name, kind, help);
+            if let Some(v) = num(&g[key]) {
+                f.push(vec![], v);
+            }
+            families.push(f);
+        }
     }
 
     // --- gauges and counters: total + per shard ------------------------------
