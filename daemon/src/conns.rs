@@ -627,10 +627,9 @@ impl Shard {
                 snap.uncarried += 1; // mid-KeyUpdate, or closing
                 continue;
             }
-            let Ok(fd) = s.fd.try_clone() else {
-                snap.uncarried += 1;
-                continue;
-            };
+            // The session keeps its descriptor open until release or thaw.
+            let fd =
+                crate::upgrade::machine::ConnFd::Borrowed(std::os::fd::AsRawFd::as_raw_fd(&s.fd));
             let (suite, rx_secret, rx_seq, tx_secret, tx_seq) = s.tls.export();
             let pending = s.pending.as_deref();
             s.carried = true;

@@ -94,7 +94,8 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// freed pages to the kernel within about a second, so the memory a burst
 /// of TLS handshakes used does not stay resident once it is over.
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static MALLOC_CONF: &[u8; 60] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

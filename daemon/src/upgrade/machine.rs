@@ -214,13 +214,40 @@ impl UpgradeError {
     }
 }
 
+/// A connection's socket as the source hands it to the machine.
+#[derive(Debug)]
+pub enum ConnFd {
+    /// A descriptor the machine closes once sent (e.g. a duplicate).
+    Owned(OwnedFd),
+    /// The daemon's own descriptor, sent as it is (SCM_RIGHTS installs a
+    /// new one in the target; nothing is duplicated here, which matters when
+    /// the process holds most of its open-files limit). The daemon keeps it
+    /// open until `finish` or `resume_all`.
+    Borrowed(std::os::fd::RawFd),
+}
+
+impl ConnFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            ConnFd::Owned(fd) => fd.as_fd(),
+            // SAFETY: the source keeps the descriptor open for the whole
+            // hand-over (until `finish` or `resume_all`), see `Borrowed`.
+            ConnFd::Borrowed(raw) => unsafe { BorrowedFd::borrow_raw(*raw) },
+        }
+    }
+}
+
+impl From<OwnedFd> for ConnFd {
+    fn from(fd: OwnedFd) -> Self {
+        ConnFd::Owned(fd)
+    }
+}
+
 /// One shard's share of the state, produced by `Source::quiesce_shard`.
 #[derive(Debug, Default)]
 pub struct ShardSnapshot {
-    /// Connections accepted by this shard with their sockets. The fds are
-    /// the machine's to close (pass duplicates: `OwnedFd::try_clone`); the
-    /// daemon keeps its own until `finish` or `resume_all`.
-    pub conns: Vec<(ConnHandoff, OwnedFd)>,
+    /// Connections accepted by this shard with their sockets.
+    pub conns: Vec<(ConnHandoff, ConnFd)>,
     /// Presence records owned by this shard (owner_shard(id) == shard).
     pub records: Vec<PresenceRecordHandoff>,
     /// Connections left out because their TLS state cannot be carried.
@@ -533,7 +560,7 @@ fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome
         let mut batch = 0u32;
         let mut conns = snap.conns.into_iter();
         loop {
-            let (hand, fds): (Vec<ConnHandoff>, Vec<OwnedFd>) =
+            let (hand, fds): (Vec<ConnHandoff>, Vec<ConnFd>) =
                 conns.by_ref().take(SCM_MAX_FD).unzip();
             if hand.is_empty() {
                 break;

@@ -204,7 +204,7 @@ impl Source for FakeSource {
             .map(|(c, s)| {
                 Ok((
                     c.clone(),
-                    OwnedFd::from(s.try_clone().map_err(|e| e.to_string())?),
+                    OwnedFd::from(s.try_clone().map_err(|e| e.to_string())?).into(),
                 ))
             })
             .collect::<Result<_, String>>()?;
