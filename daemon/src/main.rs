@@ -191,6 +191,9 @@ fn init_logging() {
 
 fn serve(path: &Path, upgrade_fd: Option<i32>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // Every agent is a socket: use all the descriptors the hard limit allows
+    // (a shell's soft limit is often 1024).
+    raise_nofile_limit();
     // Files the daemon creates (control socket, state) are private by default.
     // SAFETY: umask has no preconditions; no other thread runs yet.
     unsafe { libc::umask(0o077) };
@@ -261,4 +264,18 @@ fn take_over(
     Ok(server::assemble(
         config, path, shutdown, reload, material, listeners, listen, control, adopted,
     )?)
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("open files limit stays at {soft}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("reading the open files limit: {e}"),
+    }
 }
