@@ -19,7 +19,7 @@ fn help_lists_the_scenarios_but_not_the_worker() {
     let o = bench(&["--help"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    for s in ["ramp", "steady", "storm", "density"] {
+    for s in ["ramp", "steady", "storm", "density", "upgrade"] {
         assert!(text.contains(s), "{s} missing from:\n{text}");
     }
     assert!(!text.contains("worker"), "hidden subcommand shown:\n{text}");
@@ -30,10 +30,27 @@ fn help_lists_the_scenarios_but_not_the_worker() {
     }
     let o = bench(&["storm", "--help"]);
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        text.contains("--kill-daemon") && text.contains("--restart-cmd"),
-        "{text}"
-    );
+    for opt in [
+        "--kill-daemon",
+        "--restart-cmd",
+        "--drop-share",
+        "--undisturbed",
+        "--undisturbed-interval",
+        "--resumption",
+        "--legacy-config",
+    ] {
+        assert!(text.contains(opt), "{opt} missing from:\n{text}");
+    }
+    let o = bench(&["ramp", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for opt in ["--rate", "--undisturbed", "--connect-retries"] {
+        assert!(text.contains(opt), "{opt} missing from:\n{text}");
+    }
+    let o = bench(&["upgrade", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for opt in ["--binary", "--interval", "--before", "--after", "--agents"] {
+        assert!(text.contains(opt), "{opt} missing from:\n{text}");
+    }
 }
 
 #[test]
@@ -49,6 +66,17 @@ fn argument_errors_are_reported_before_anything_starts() {
         (&["ramp", "--addr", "127.0.0.1:1"], "--control"),
         (&["ramp", "--per-worker", "50000"], "--per-worker"),
         (&["steady", "--interval", "soon"], "invalid value"),
+        (&["storm", "--drop-share", "0"], "--drop-share"),
+        (&["storm", "--drop-share", "1.5"], "--drop-share"),
+        (
+            &["storm", "--drop-share", "0.5", "--kill-daemon"],
+            "--drop-share",
+        ),
+        (&["upgrade", "--interval", "0s"], "--interval"),
+        (
+            &["upgrade", "--binary", "/nonexistent/presenced"],
+            "no such file",
+        ),
     ];
     for (args, want) in cases {
         let o = bench(args);

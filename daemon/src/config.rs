@@ -93,8 +93,11 @@ pub struct AdmissionConfig {
 impl Default for AdmissionConfig {
     fn default() -> Self {
         Self {
-            max_concurrent_handshakes: 512,
-            max_handshakes_per_sec: 5_000,
+            // Sized so a reconnect storm is limited by CPU, not by rejections
+            // (a closed attempt doubles the agent's backoff and burns its
+            // TLS ticket); heartbeats are protected by task-queue priority.
+            max_concurrent_handshakes: 4_096,
+            max_handshakes_per_sec: 10_000,
         }
     }
 }

@@ -72,8 +72,11 @@ pub async fn serve(
             shard.counters.handshake_latency.record(accepted.elapsed());
             // The session keeps a plain descriptor: duplicate it, then let
             // glommio's stream go (its drop only closes its own descriptor).
-            let fd = match nix::unistd::dup(tcp.as_raw_fd()) {
-                // SAFETY: dup returned a new descriptor that nothing else owns.
+            // Close-on-exec: a binary started by an upgrade must receive
+            // the sessions over the hand-over socket, not inherit them.
+            let dup = nix::fcntl::fcntl(tcp.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0));
+            let fd = match dup {
+                // SAFETY: fcntl returned a new descriptor that nothing else owns.
                 Ok(raw) => unsafe { OwnedFd::from_raw_fd(raw) },
                 Err(e) => {
                     debug!(shard = shard.id, "dup failed: {e}");

@@ -935,6 +935,12 @@ async fn accept_loop(
             continue;
         }
         let _ = stream.set_nodelay(true);
+        // Not inherited by a binary an upgrade starts (glommio accepts
+        // without SOCK_CLOEXEC).
+        let _ = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
         let (key, gen, cmd) = shard.register();
         let task = conn::serve(shard.clone(), stream, key, gen, cmd);
         if let Ok(t) = glommio::spawn_local_into(task, handshakes) {

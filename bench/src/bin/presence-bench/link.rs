@@ -75,19 +75,16 @@ impl Link {
     /// Connect agent `id` from `source` and complete the protocol's opening.
     pub async fn connect(
         ctx: &LinkCtx,
+        tls: &Arc<ClientConfig>,
         id: &str,
         source: Option<IpAddr>,
     ) -> Result<(Link, ConnectTimes)> {
         let start = Instant::now();
         match ctx.target {
             TargetKind::Presenced => {
-                let mut conn = Connection::connect_from(
-                    ctx.addr,
-                    source,
-                    &ctx.server_name_str,
-                    ctx.tls.clone(),
-                )
-                .await?;
+                let mut conn =
+                    Connection::connect_from(ctx.addr, source, &ctx.server_name_str, tls.clone())
+                        .await?;
                 let tls = start.elapsed();
                 let key = ctx
                     .fleet_key
@@ -113,7 +110,7 @@ impl Link {
                 if !lb.buf.is_empty() {
                     bail!("nats: unexpected bytes after INFO");
                 }
-                let mut tls_stream = TlsConnector::from(ctx.tls.clone())
+                let mut tls_stream = TlsConnector::from(tls.clone())
                     .connect(ctx.server_name.clone(), tcp)
                     .await
                     .context("nats TLS handshake")?;
@@ -132,7 +129,7 @@ impl Link {
             }
             TargetKind::Mqtt => {
                 let tcp = tcp_connect(ctx.addr, source).await?;
-                let mut s = TlsConnector::from(ctx.tls.clone())
+                let mut s = TlsConnector::from(tls.clone())
                     .connect(ctx.server_name.clone(), tcp)
                     .await
                     .context("mqtt TLS handshake")?;

@@ -47,6 +47,11 @@ enum Scenario {
     /// Hold N agents that have heartbeated, at several N; report the
     /// server's memory per connection (fitted slope) and the kernel's share.
     Density(DensityArgs),
+    /// Hold N agents heartbeating, send `upgrade` on the control socket,
+    /// keep heartbeating; report disconnects, presence events, the
+    /// heartbeat gap across the switch and the daemon's upgrade report
+    /// (presenced only).
+    Upgrade(UpgradeArgs),
     /// Print the tables of a report saved with --json (a file, or - for stdin).
     Report {
         /// The saved JSON report.
@@ -95,8 +100,18 @@ pub struct Common {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive: Duration,
     /// Allow TLS session resumption (default: every handshake is a full one).
+    /// Each agent keeps its own client config, so its tickets resume.
     #[arg(long)]
     pub resumption: bool,
+    /// Retry a failed first connect up to N times (full-jitter backoff,
+    /// 500 ms doubling to 5 s), like an agent would; 0 = a failed connect
+    /// counts as failed.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub connect_retries: u32,
+    /// Write a config an older presenced accepts (no [state] section; the
+    /// state then goes to the daemon's default directory, if it has one).
+    #[arg(long)]
+    pub legacy_config: bool,
     /// Agent ids are PREFIX-NNNNNNN.
     #[arg(long, default_value = "bench")]
     pub id_prefix: String,
@@ -124,11 +139,35 @@ pub struct Common {
     pub json: bool,
 }
 
+/// An extra group of agents whose connections are never touched, heartbeating
+/// through the storm or the ramp (their own worker process).
+#[derive(Debug, Clone, Args)]
+pub struct UndisturbedArgs {
+    /// Agents in the undisturbed group (0 = none).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub undisturbed: usize,
+    /// Heartbeat interval of the undisturbed group (+-10 %).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub undisturbed_interval: Duration,
+    /// Nice value of the undisturbed group's worker process (negative =
+    /// higher priority, needs root): separates the bench's own CPU
+    /// contention from the daemon's latency. 0 = same as the other workers.
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        value_name = "N"
+    )]
+    pub undisturbed_nice: i32,
+}
+
 #[derive(Debug, Args)]
 pub struct RampArgs {
     /// Agents to connect.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
+    #[command(flatten)]
+    pub undisturbed: UndisturbedArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -172,6 +211,41 @@ pub struct StormArgs {
     /// Keep reading presence events this long after the last agent is back.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub events_grace: Duration,
+    /// With --kill-daemon: wait this long after everyone is connected
+    /// before the kill, so the daemon's state flush (state.flush_interval,
+    /// 1 s by default) has them; 0 = kill at once.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    pub kill_after: Duration,
+    /// Share of the agents that drop at once (a partial blip); the others
+    /// keep their connection and keep heartbeating.
+    #[arg(long, default_value_t = 1.0, value_name = "SHARE")]
+    pub drop_share: f64,
+    #[command(flatten)]
+    pub undisturbed: UndisturbedArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Agents to hold through the upgrade.
+    #[arg(long, default_value_t = 1000)]
+    pub agents: usize,
+    /// Each agent's heartbeat interval during the window (+-10 % jitter).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Heartbeating before the `upgrade` request.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub before: Duration,
+    /// Heartbeating after the upgrade report came back.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub after: Duration,
+    /// Binary to upgrade to (default: the daemon's own binary).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Limit on the `upgrade` request.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub upgrade_timeout: Duration,
     #[command(flatten)]
     pub common: Common,
 }
@@ -253,6 +327,7 @@ fn main() -> ExitCode {
         Scenario::Steady(a) => run::steady(a),
         Scenario::Storm(a) => run::storm(a),
         Scenario::Density(a) => run::density(a),
+        Scenario::Upgrade(a) => run::upgrade(a),
         Scenario::Report { file } => render_saved(&file),
     };
     match r {

@@ -44,6 +44,9 @@ pub struct ConnectResult {
     pub attempted: u64,
     pub ok: u64,
     pub failed: u64,
+    /// Failed attempts that were retried (--connect-retries).
+    #[serde(default)]
+    pub retried: u64,
     /// Agents online across all workers afterwards.
     pub online: u64,
     pub wall_s: f64,
@@ -66,9 +69,20 @@ pub struct HeartbeatResult {
     pub ok: u64,
     pub failed: u64,
     pub disconnects: u64,
+    /// Sessions re-established after a loss.
+    #[serde(default)]
+    pub reconnects: u64,
     pub online: u64,
     pub rate_per_s: f64,
     pub rtt_ms: Pct,
+    /// Per agent, the longest time between two acknowledged heartbeats
+    /// (phase start and end count as acknowledgements); percentiles over
+    /// agents. `max` is the worst agent.
+    #[serde(default)]
+    pub gap_ms: Option<Pct>,
+    /// Heartbeat interval of this phase (ms), for reading the gaps.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
     pub errors: Vec<String>,
 }
 
@@ -76,6 +90,43 @@ pub struct HeartbeatResult {
 pub struct StormResult {
     pub mode: String,
     pub agents: u64,
+    /// Share of the agents that dropped (1 = all).
+    #[serde(default = "one")]
+    pub drop_share: f64,
+    /// Agents that dropped.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Agents kept their client config (session cache) across reconnects.
+    #[serde(default)]
+    pub resumption: bool,
+    /// presenced `handshakes_total` delta over the storm.
+    #[serde(default)]
+    pub handshakes: Option<u64>,
+    /// presenced `handshakes_resumed_total` delta over the storm.
+    #[serde(default)]
+    pub handshakes_resumed: Option<u64>,
+    /// handshakes_resumed / handshakes.
+    #[serde(default)]
+    pub resumed_share: Option<f64>,
+    /// presenced `admission_rejected_total` delta over the storm.
+    #[serde(default)]
+    pub admission_rejected: Option<u64>,
+    /// CPU seconds the daemon used during the storm.
+    #[serde(default)]
+    pub server_cpu_s: Option<f64>,
+    /// Reconnects per daemon CPU second.
+    #[serde(default)]
+    pub per_server_cpu_s: Option<f64>,
+    /// The handshake-rate bound: dropped agents ÷ the handshakes/s measured
+    /// in this run's initial connect (ms).
+    #[serde(default)]
+    pub bound_ms: Option<u64>,
+    /// After a restart: `presumed_online` the restarted daemon reported.
+    #[serde(default)]
+    pub presumed_online_after_restart: Option<u64>,
+    /// An error from reading the events (e.g. no longer held).
+    #[serde(default)]
+    pub events_error: Option<String>,
     pub back: u64,
     pub not_back: u64,
     pub failed_attempts: u64,
@@ -133,6 +184,47 @@ pub struct TargetResult {
     pub density: Option<DensityResult>,
     /// Deltas of presenced counters over the run.
     pub daemon: Option<Value>,
+    /// The undisturbed group (--undisturbed): heartbeats through the storm
+    /// or the ramp, on connections that were not touched.
+    #[serde(default)]
+    pub undisturbed: Option<HeartbeatResult>,
+    #[serde(default)]
+    pub upgrade: Option<UpgradeResult>,
+}
+
+/// The `upgrade` scenario: the daemon's own report and what the agents saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpgradeResult {
+    /// The binary passed with `upgrade` (None: the daemon's own).
+    pub binary: Option<String>,
+    pub ok: bool,
+    pub old_pid: Option<u64>,
+    pub new_pid: Option<u64>,
+    /// The daemon's `elapsed_ms`.
+    pub elapsed_ms: Option<u64>,
+    /// Wall time of the `upgrade` request as the bench saw it.
+    pub request_ms: u64,
+    pub connections: Option<u64>,
+    pub records: Option<u64>,
+    pub uncarried: Option<u64>,
+    pub error: Option<String>,
+    /// Agents held through the upgrade.
+    pub agents: u64,
+    /// Sessions the agents lost during the window, and re-established.
+    pub disconnects: u64,
+    pub reconnects: u64,
+    /// Presence events from the seq before the upgrade (read from the new process).
+    pub events_total: u64,
+    pub offline_events: u64,
+    pub online_events: u64,
+    pub events_error: Option<String>,
+    /// `sessions` and `pid` from the new process's `stats` afterwards.
+    pub sessions_after: Option<u64>,
+    pub pid_after: Option<u64>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,11 +298,18 @@ impl Report {
                 out.push_str(&self.render_connect());
                 out.push_str(&self.render_storm());
             }
+            "upgrade" => {
+                out.push_str(&self.render_connect());
+                out.push_str(&self.render_heartbeat());
+                out.push_str(&self.render_upgrade());
+            }
             "density" => {
                 out.push_str(&self.render_density());
             }
             _ => {}
         }
+        out.push_str(&self.render_undisturbed());
+        out.push_str(&self.render_daemon_counters());
         if self.targets.len() > 1 || self.scenario == "density" {
             out.push_str(&self.render_comparison());
         }
@@ -221,10 +320,16 @@ impl Report {
     }
 
     fn render_connect(&self) -> String {
-        let mut t = table(&[
-            "target",
-            "ok",
-            "failed",
+        let retried = self
+            .targets
+            .iter()
+            .any(|r| r.connect.as_ref().is_some_and(|c| c.retried > 0));
+        let mut head = vec!["target", "ok", "failed"];
+        if retried {
+            head.push("retried attempts");
+        }
+        head.extend([
+            "wall s",
             "handshakes/s",
             "per server CPU-s",
             "TLS p50 ms",
@@ -236,16 +341,19 @@ impl Report {
             "p99",
             "max",
         ]);
+        let mut t = table(&head);
         for r in &self.targets {
             if let Some(c) = &r.connect {
-                let mut row = vec![
-                    r.target.clone(),
-                    c.ok.to_string(),
-                    c.failed.to_string(),
+                let mut row = vec![r.target.clone(), c.ok.to_string(), c.failed.to_string()];
+                if retried {
+                    row.push(c.retried.to_string());
+                }
+                row.extend([
+                    format!("{:.1}", c.wall_s),
                     format!("{:.0}", c.rate_per_s),
                     c.per_server_cpu_s
                         .map_or("n/a".into(), |x| format!("{x:.0}")),
-                ];
+                ]);
                 row.extend(pct_cells(&c.tls_ms));
                 row.extend(pct_cells(&c.full_ms));
                 t.add_row(row);
@@ -255,31 +363,115 @@ impl Report {
     }
 
     fn render_heartbeat(&self) -> String {
-        let mut t = table(&[
-            "target",
-            "heartbeats",
-            "failed",
-            "disconnects",
-            "hb/s",
-            "RTT p50 ms",
-            "p90",
-            "p99",
-            "max",
-        ]);
+        let rows: Vec<(&str, &HeartbeatResult)> = self
+            .targets
+            .iter()
+            .filter_map(|r| r.heartbeat.as_ref().map(|h| (r.target.as_str(), h)))
+            .collect();
+        let title = if self.scenario == "upgrade" {
+            "heartbeats through the upgrade window"
+        } else {
+            "heartbeats (steady)"
+        };
+        hb_table(title, &rows)
+    }
+
+    fn render_undisturbed(&self) -> String {
+        let rows: Vec<(&str, &HeartbeatResult)> = self
+            .targets
+            .iter()
+            .filter_map(|r| r.undisturbed.as_ref().map(|h| (r.target.as_str(), h)))
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let during = if self.scenario == "ramp" {
+            "ramp"
+        } else {
+            "storm"
+        };
+        hb_table(
+            &format!("undisturbed group (untouched connections heartbeating through the {during})"),
+            &rows,
+        )
+    }
+
+    fn render_daemon_counters(&self) -> String {
+        let mut out = String::new();
         for r in &self.targets {
-            if let Some(h) = &r.heartbeat {
-                let mut row = vec![
-                    r.target.clone(),
-                    h.ok.to_string(),
-                    h.failed.to_string(),
-                    h.disconnects.to_string(),
-                    format!("{:.0}", h.rate_per_s),
-                ];
-                row.extend(pct_cells(&h.rtt_ms));
-                t.add_row(row);
+            let Some(d) = r.daemon.as_ref().and_then(Value::as_object) else {
+                continue;
+            };
+            let pick = |k: &str| d.get(k).and_then(Value::as_u64);
+            let mut parts = Vec::new();
+            for k in [
+                "handshakes_total",
+                "handshakes_resumed_total",
+                "admission_rejected_total",
+                "handshake_failures_total",
+                "timeouts_total",
+            ] {
+                if let Some(v) = pick(k) {
+                    parts.push(format!("{k} +{v}"));
+                }
+            }
+            if !parts.is_empty() && self.scenario != "density" {
+                out.push_str(&format!(
+                    "{} counters over the run: {}\n",
+                    r.target,
+                    parts.join(", ")
+                ));
             }
         }
-        format!("\nheartbeats (steady)\n{t}\n")
+        out
+    }
+
+    fn render_upgrade(&self) -> String {
+        let mut t = table(&[
+            "target",
+            "ok",
+            "old pid",
+            "new pid",
+            "elapsed ms (daemon)",
+            "request ms",
+            "connections",
+            "records",
+            "uncarried",
+            "disconnects",
+            "reconnects",
+            "offline events",
+            "online events",
+            "sessions after",
+        ]);
+        let o = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+        let mut errors = String::new();
+        for r in &self.targets {
+            if let Some(u) = &r.upgrade {
+                t.add_row(vec![
+                    r.target.clone(),
+                    u.ok.to_string(),
+                    o(u.old_pid),
+                    o(u.new_pid),
+                    o(u.elapsed_ms),
+                    u.request_ms.to_string(),
+                    o(u.connections),
+                    o(u.records),
+                    o(u.uncarried),
+                    u.disconnects.to_string(),
+                    u.reconnects.to_string(),
+                    u.offline_events.to_string(),
+                    u.online_events.to_string(),
+                    o(u.sessions_after),
+                ]);
+                if let Some(e) = &u.error {
+                    errors.push_str(&format!("upgrade error: {e}\n"));
+                }
+                if let Some(e) = &u.events_error {
+                    errors.push_str(&format!("events: {e}\n"));
+                }
+            }
+        }
+        format!("\nupgrade\n{t}\n{errors}")
     }
 
     fn render_storm(&self) -> String {
@@ -287,36 +479,73 @@ impl Report {
             "target",
             "mode",
             "agents",
+            "dropped",
             "back",
             "not back",
             "50% back",
             "90%",
             "99%",
             "100%",
+            "bound",
             "failed attempts",
+            "resumed share",
             "offline events",
             "online events",
         ]);
         let ms = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} ms"));
+        let mut extra = String::new();
         for r in &self.targets {
             if let Some(s) = &r.storm {
+                let mut mode = s.mode.clone();
+                if s.drop_share < 1.0 {
+                    mode.push_str(&format!(" {:.0}%", s.drop_share * 100.0));
+                }
+                if s.resumption {
+                    mode.push_str(" +resumption");
+                }
                 t.add_row(vec![
                     r.target.clone(),
-                    s.mode.clone(),
+                    mode,
                     s.agents.to_string(),
+                    s.dropped.to_string(),
                     s.back.to_string(),
                     s.not_back.to_string(),
                     ms(s.t50_ms),
                     ms(s.t90_ms),
                     ms(s.t99_ms),
                     ms(s.t100_ms),
+                    ms(s.bound_ms),
                     s.failed_attempts.to_string(),
+                    s.resumed_share
+                        .map_or("n/a".into(), |x| format!("{:.1}%", x * 100.0)),
                     s.offline_events.to_string(),
                     s.online_events.to_string(),
                 ]);
+                let o = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
+                extra.push_str(&format!(
+                    "{}: daemon handshakes {} (resumed {}), admission rejected {}, daemon CPU {} s ({} reconnects per CPU-s)",
+                    r.target,
+                    o(s.handshakes),
+                    o(s.handshakes_resumed),
+                    o(s.admission_rejected),
+                    s.server_cpu_s.map_or("n/a".into(), |c| format!("{c:.2}")),
+                    s.per_server_cpu_s.map_or("n/a".into(), |c| format!("{c:.0}")),
+                ));
+                if let Some(ms) = s.restart_ms {
+                    extra.push_str(&format!(
+                        ", restarted daemon answered {ms} ms after SIGKILL, presumed online {}",
+                        o(s.presumed_online_after_restart)
+                    ));
+                }
+                extra.push('\n');
+                if let Some(e) = &s.events_error {
+                    extra.push_str(&format!("events: {e}\n"));
+                }
             }
         }
-        format!("\nreconnect storm\n{t}\n")
+        format!(
+            "\nreconnect storm (bound = dropped ÷ this run's connect handshakes/s)\n{t}\n{extra}"
+        )
     }
 
     fn render_density(&self) -> String {
@@ -404,6 +633,46 @@ impl Report {
         }
         format!("\ncomparison (ratio = presenced value ÷ this row's value)\n{t}\n")
     }
+}
+
+fn hb_table(title: &str, rows: &[(&str, &HeartbeatResult)]) -> String {
+    let mut t = table(&[
+        "target",
+        "agents",
+        "heartbeats",
+        "failed",
+        "disconnects",
+        "hb/s",
+        "RTT p50 ms",
+        "p90",
+        "p99",
+        "max",
+        "hb gap p99 ms",
+        "max",
+    ]);
+    for (target, h) in rows {
+        let mut row = vec![
+            (*target).to_owned(),
+            h.online.to_string(),
+            h.ok.to_string(),
+            h.failed.to_string(),
+            h.disconnects.to_string(),
+            format!("{:.0}", h.rate_per_s),
+        ];
+        row.extend(pct_cells(&h.rtt_ms));
+        match &h.gap_ms {
+            Some(g) if g.count > 0 => {
+                row.push(format!("{:.0}", g.p99));
+                row.push(format!("{:.0}", g.max));
+            }
+            _ => {
+                row.push("-".into());
+                row.push("-".into());
+            }
+        }
+        t.add_row(row);
+    }
+    format!("\n{title}\n{t}\n")
 }
 
 fn short_version(v: &str) -> String {

@@ -14,11 +14,14 @@ use crate::fleet::{ip_slice, share, Fleet};
 use crate::kernel::{self, Slab};
 use crate::report::{
     round3, ConnectResult, DensityPoint, DensityResult, HeartbeatResult, Pct, Report, StormResult,
-    TargetResult,
+    TargetResult, UpgradeResult,
 };
 use crate::servers::{self, Mem, Peer, Presenced, SpawnOpts};
 use crate::wire::{merge_into, new_hist, BackoffSpec, Cmd, Msg, TargetKind, WorkerInit};
-use crate::{parse_source_ips, Common, DensityArgs, PeerArg, RampArgs, SteadyArgs, StormArgs};
+use crate::{
+    parse_source_ips, Common, DensityArgs, PeerArg, RampArgs, SteadyArgs, StormArgs,
+    UndisturbedArgs, UpgradeArgs,
+};
 
 /// Most agents one process can hold here (hard open-files limit 20000).
 const MAX_PER_WORKER: usize = 19_000;
@@ -209,6 +212,7 @@ fn start_presenced(env: &mut Env, offline_grace: Duration) -> Result<Target> {
                 shards: env.common.shards,
                 heartbeat_interval: env.common.keepalive,
                 offline_grace,
+                legacy: env.common.legacy_config,
             })?
         }
     };
@@ -262,6 +266,21 @@ fn start_peer(env: &mut Env, peer: PeerArg) -> Result<Target> {
 
 fn spawn_fleet(env: &Env, t: &Target, agents: usize) -> Result<Fleet> {
     let w = env.workers;
+    spawn_group(env, t, agents, w, &env.common.id_prefix, 0, |i| {
+        ip_slice(&env.ips, w, i)
+    })
+}
+
+/// `w` workers holding `agents` together, ids `PREFIX-wI-NNNNNNN`.
+fn spawn_group(
+    env: &Env,
+    t: &Target,
+    agents: usize,
+    w: usize,
+    prefix: &str,
+    nice: i32,
+    ips: impl Fn(usize) -> Vec<IpAddr>,
+) -> Result<Fleet> {
     let inits = (0..w)
         .map(|i| WorkerInit {
             worker: i,
@@ -270,16 +289,117 @@ fn spawn_fleet(env: &Env, t: &Target, agents: usize) -> Result<Fleet> {
             server_name: "localhost".into(),
             ca_pem: t.ca_pem.clone(),
             fleet_key: t.fleet_key.clone(),
-            id_prefix: format!("{}-w{i}", env.common.id_prefix),
+            id_prefix: format!("{prefix}-w{i}"),
             first_agent: (0..i).map(|j| share(agents, w, j)).sum(),
             agents: share(agents, w, i),
-            source_ips: ip_slice(&env.ips, w, i),
+            source_ips: ips(i),
             keepalive_ms: env.common.keepalive.as_millis() as u64,
             connect_timeout_ms: env.common.connect_timeout.as_millis() as u64,
             resumption: env.common.resumption,
+            connect_retries: env.common.connect_retries,
+            retry_backoff: RETRY_BACKOFF,
+            nice,
         })
         .collect();
     Fleet::spawn(inits)
+}
+
+/// Backoff of `--connect-retries`.
+const RETRY_BACKOFF: BackoffSpec = BackoffSpec {
+    initial_ms: 500,
+    max_ms: 5000,
+};
+
+/// The undisturbed group: its own worker process, heartbeating from
+/// `hold` to `release`.
+struct Undisturbed {
+    fleet: Fleet,
+    agents: u64,
+    interval: Duration,
+}
+
+impl Undisturbed {
+    /// Connect the group (as fast as allowed, not at --rate).
+    fn start(env: &Env, t: &Target, u: &UndisturbedArgs) -> Result<Option<Undisturbed>> {
+        if u.undisturbed == 0 {
+            return Ok(None);
+        }
+        if u.undisturbed_interval.is_zero() {
+            bail!("--undisturbed-interval must be greater than 0");
+        }
+        let prefix = format!("{}-und", env.common.id_prefix);
+        let mut fleet = spawn_group(
+            env,
+            t,
+            u.undisturbed,
+            1,
+            &prefix,
+            u.undisturbed_nice,
+            |_| env.ips.clone(),
+        )?;
+        let (c, _, _) = connect(env, &mut fleet, t, u.undisturbed, 0, 0.0)?;
+        if c.failed > 0 {
+            bail!(
+                "undisturbed group: {} of {} agents did not connect: {:?}",
+                c.failed,
+                u.undisturbed,
+                c.errors
+            );
+        }
+        Ok(Some(Undisturbed {
+            fleet,
+            agents: c.online,
+            interval: u.undisturbed_interval,
+        }))
+    }
+
+    /// Start heartbeating.
+    fn hold(&mut self) -> Result<()> {
+        let ms = self.interval.as_millis() as u64;
+        self.fleet
+            .run(&ProgressBar::hidden(), Duration::from_secs(30), |_| {
+                Cmd::Hold { interval_ms: ms }
+            })?;
+        Ok(())
+    }
+
+    /// Stop heartbeating; what the group measured since `hold`.
+    fn release(&mut self, held: Duration) -> Result<HeartbeatResult> {
+        let replies = self
+            .fleet
+            .run(&ProgressBar::hidden(), Duration::from_secs(60), |_| {
+                Cmd::Release
+            })?;
+        let mut r = heartbeats(replies, held.as_secs_f64());
+        r.interval_ms = Some(self.interval.as_millis() as u64);
+        Ok(r)
+    }
+
+    fn close(self) -> Result<()> {
+        self.fleet.close()
+    }
+}
+
+/// Poll `stats` until `key` reaches `want` (bounded); the last value.
+fn wait_stat(p: &Presenced, key: &str, want: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut v = 0;
+    while Instant::now() < deadline {
+        v = p
+            .stats()
+            .ok()
+            .and_then(|s| s.get(key).and_then(Value::as_u64))
+            .unwrap_or(0);
+        if v >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    v
+}
+
+fn stat(v: &Option<Value>, key: &str) -> Option<u64> {
+    v.as_ref()?.get(key)?.as_u64()
 }
 
 /// Connect until the fleet holds `upto` agents.
@@ -289,6 +409,7 @@ fn connect(
     t: &Target,
     upto: usize,
     already: usize,
+    total_rate: f64,
 ) -> Result<(ConnectResult, Histogram<u64>, Histogram<u64>)> {
     let name = t.kind.name();
     let pid = t.pid();
@@ -298,12 +419,14 @@ fn connect(
         upto.saturating_sub(already) as u64,
         format!("{name}: connect {upto}"),
     );
-    let rate = env.common.rate / w as f64;
+    let rate = total_rate / w as f64;
     let conc = env.common.concurrency.div_ceil(w).max(1);
-    let limit = env.common.connect_timeout
+    let retries = env.common.connect_retries;
+    let per_try = env.common.connect_timeout + Duration::from_millis(RETRY_BACKOFF.max_ms);
+    let limit = per_try * retries.saturating_add(1)
         + Duration::from_secs(120)
         + if rate > 0.0 {
-            Duration::from_secs_f64(upto as f64 / env.common.rate)
+            Duration::from_secs_f64(upto as f64 / total_rate)
         } else {
             Duration::ZERO
         };
@@ -327,6 +450,7 @@ fn connect(
         if let Msg::Connected {
             ok,
             failed,
+            retried,
             online,
             tls_us,
             full_us,
@@ -336,6 +460,7 @@ fn connect(
         {
             r.ok += ok;
             r.failed += failed;
+            r.retried += retried;
             r.online += online;
             merge_into(&mut tls, &tls_us);
             merge_into(&mut full, &full_us);
@@ -363,6 +488,7 @@ fn merge_errors(into: &mut Vec<String>, from: Vec<String>) {
 
 fn heartbeats(replies: Vec<Msg>, seconds: f64) -> HeartbeatResult {
     let mut h = new_hist();
+    let mut gaps = new_hist();
     let mut r = HeartbeatResult::default();
     for m in replies {
         if let Msg::Heartbeats {
@@ -370,20 +496,25 @@ fn heartbeats(replies: Vec<Msg>, seconds: f64) -> HeartbeatResult {
             failed,
             rtt_us,
             disconnects,
+            reconnects,
             online,
+            gap_us,
             errors,
         } = m
         {
             r.ok += ok;
             r.failed += failed;
             r.disconnects += disconnects;
+            r.reconnects += reconnects;
             r.online += online;
             merge_into(&mut h, &rtt_us);
+            merge_into(&mut gaps, &gap_us);
             merge_errors(&mut r.errors, errors);
         }
     }
     r.rate_per_s = (r.ok as f64 / seconds.max(1e-6)).round();
     r.rtt_ms = Pct::from_us(&h);
+    r.gap_ms = (!gaps.is_empty()).then(|| Pct::from_us(&gaps));
     r
 }
 
@@ -413,13 +544,18 @@ const COUNTERS: &[&str] = &[
     "timeouts_total",
     "byes_total",
     "accepted_total",
+    "handshakes_resumed_total",
+    "admission_rejected_total",
 ];
 
 fn counter_delta(before: &Option<Value>, after: &Option<Value>) -> Option<Value> {
     let (b, a) = (before.as_ref()?, after.as_ref()?);
     let mut m = serde_json::Map::new();
     for k in COUNTERS {
-        let x = a.get(*k).and_then(Value::as_u64).unwrap_or(0);
+        // Counters an older daemon does not have are left out.
+        let Some(x) = a.get(*k).and_then(Value::as_u64) else {
+            continue;
+        };
         let y = b.get(*k).and_then(Value::as_u64).unwrap_or(0);
         m.insert((*k).to_owned(), json!(x.saturating_sub(y)));
     }
@@ -470,13 +606,29 @@ fn base_result(t: &Target, agents: usize) -> TargetResult {
 pub fn ramp(a: RampArgs) -> Result<()> {
     let mut env = Env::new(a.common, a.agents)?;
     let n = a.agents;
+    let und = a.undisturbed.clone();
+    if und.undisturbed > 0 && und.undisturbed_nice != 0 {
+        env.notes.push(format!(
+            "the undisturbed group's worker ran at nice {}",
+            und.undisturbed_nice
+        ));
+    }
     let targets = each_target(&mut env, Duration::from_secs(60), |env, t| {
+        let mut group = Undisturbed::start(env, t, &und)?;
         let mut fleet = spawn_fleet(env, t, n)?;
+        if let Some(g) = group.as_mut() {
+            g.hold()?;
+        }
+        let held = Instant::now();
         let before = t.stats();
-        let (c, _, _) = connect(env, &mut fleet, t, n, 0)?;
+        let (c, _, _) = connect(env, &mut fleet, t, n, 0, env.common.rate)?;
         let after = t.stats();
-        fleet.close()?;
         let mut r = base_result(t, n);
+        if let Some(mut g) = group {
+            r.undisturbed = Some(g.release(held.elapsed())?);
+            g.close()?;
+        }
+        fleet.close()?;
         r.connect = Some(c);
         r.daemon = counter_delta(&before, &after);
         Ok(r)
@@ -493,7 +645,7 @@ pub fn steady(a: SteadyArgs) -> Result<()> {
     }
     let targets = each_target(&mut env, Duration::from_secs(60), |env, t| {
         let mut fleet = spawn_fleet(env, t, n)?;
-        let (c, _, _) = connect(env, &mut fleet, t, n, 0)?;
+        let (c, _, _) = connect(env, &mut fleet, t, n, 0, env.common.rate)?;
         let before = t.stats();
         let pb = env.bar(
             (n as f64 * a.duration.as_secs_f64() / a.interval.as_secs_f64()) as u64,
@@ -537,10 +689,23 @@ pub fn storm(a: StormArgs) -> Result<()> {
     if a.kill_daemon && a.restart_cmd.is_none() && env.common.addr.is_some() {
         bail!("--kill-daemon on an attached daemon needs --restart-cmd");
     }
+    if !(a.drop_share > 0.0 && a.drop_share <= 1.0) {
+        bail!("--drop-share must be in (0, 1]");
+    }
+    if a.kill_daemon && a.drop_share < 1.0 {
+        bail!("--drop-share does not go with --kill-daemon (a killed daemon drops everyone)");
+    }
     let n = a.agents;
+    let und = a.undisturbed.clone();
+    if und.undisturbed > 0 && und.undisturbed_nice != 0 {
+        env.notes.push(format!(
+            "the undisturbed group's worker ran at nice {}",
+            und.undisturbed_nice
+        ));
+    }
     let targets = each_target(&mut env, Duration::from_secs(60), |env, t| {
         let mut fleet = spawn_fleet(env, t, n)?;
-        let (c, _, _) = connect(env, &mut fleet, t, n, 0)?;
+        let (c, _, _) = connect(env, &mut fleet, t, n, 0, env.common.rate)?;
         let hb = heartbeat_round(
             env,
             &mut fleet,
@@ -548,25 +713,21 @@ pub fn storm(a: StormArgs) -> Result<()> {
             c.online,
             Duration::from_secs(1),
         )?;
+        let mut group = Undisturbed::start(env, t, &und)?;
+        let group_n = group.as_ref().map_or(0, |g| g.agents);
         let p = t
             .presenced()
             .ok_or_else(|| anyhow!("storm needs presenced"))?;
         // Wait for the daemon to count every session.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut online_before = 0;
-        while Instant::now() < deadline {
-            let s = p.stats()?;
-            online_before = s.get("agents_online").and_then(Value::as_u64).unwrap_or(0);
-            if online_before >= c.online {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        wait_stat(p, "sessions", c.online + group_n, Duration::from_secs(20));
+        if let Some(g) = group.as_mut() {
+            g.hold()?;
         }
-        let seq = p
-            .stats()?
-            .get("events_next_seq")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let held = Instant::now();
+        let before = p.stats().ok();
+        let seq = stat(&before, "events_next_seq").unwrap_or(0);
+        let pid0 = stat(&before, "pid").and_then(|x| u32::try_from(x).ok());
+        let cpu0 = pid0.and_then(servers::proc_cpu_s);
         let mut subs = vec![servers::EventSub::start(&p.control, seq)?];
         let backoff = BackoffSpec {
             initial_ms: a.backoff_initial.as_millis() as u64,
@@ -575,12 +736,22 @@ pub fn storm(a: StormArgs) -> Result<()> {
         let cmd = Cmd::Storm {
             backoff,
             deadline_ms: a.deadline.as_millis() as u64,
+            drop_share: a.drop_share,
         };
-        let pb = env.bar(c.online, "presenced: storm, back online");
+        let pb = env.bar(
+            (c.online as f64 * a.drop_share).round() as u64,
+            "presenced: storm, back online",
+        );
         let limit = a.deadline + Duration::from_secs(30);
         let mut restart_ms = None;
-        let mut durable_seq = false;
+        let mut restarted: Option<Value> = None;
+        // After a restart: read the restarted daemon from 0 (the oldest it
+        // holds). If its numbering went on from before the kill, events
+        // below `seq` are from before the storm and dropped, and the
+        // first subscription's duplicates are dropped by seq.
+        let mut numbering_continued = false;
         let replies = if a.kill_daemon {
+            std::thread::sleep(a.kill_after);
             let t0 = Instant::now();
             p.kill9()?;
             // The dead sockets are forgotten and redialled with backoff
@@ -596,16 +767,14 @@ pub fn storm(a: StormArgs) -> Result<()> {
                 });
                 p.restart(a.restart_cmd.as_deref())?;
                 restart_ms = Some(t0.elapsed().as_millis() as u64);
-                // A daemon that keeps its event sequence across restarts
-                // still holds `seq`: read on from there (duplicates of what
-                // the first subscription saw are dropped below). Otherwise
-                // its numbering restarted: read everything it holds.
                 let st = p.stats()?;
-                let get = |k: &str| st.get(k).and_then(Value::as_u64).unwrap_or(0);
-                let (oldest, next) = (get("events_oldest_seq"), get("events_next_seq"));
-                durable_seq = oldest <= seq && seq <= next && next > 0;
-                let from = if durable_seq { seq } else { 0 };
-                subs.push(servers::EventSub::start(&p.control, from)?);
+                let next = st
+                    .get("events_next_seq")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                numbering_continued = seq > 0 && next >= seq;
+                restarted = Some(st);
+                subs.push(servers::EventSub::start(&p.control, 0)?);
                 let _ = rx.recv();
                 h.join().map_err(|_| anyhow!("storm thread panicked"))?
             });
@@ -614,39 +783,57 @@ pub fn storm(a: StormArgs) -> Result<()> {
             fleet.run(&pb, limit, |_| cmd.clone())?
         };
         pb.finish_and_clear();
+        let storm_s = held.elapsed();
+        let undisturbed = match group.as_mut() {
+            Some(g) => Some(g.release(storm_s)?),
+            None => None,
+        };
+        let after = p.stats().ok();
+        let pid1 = stat(&after, "pid").and_then(|x| u32::try_from(x).ok());
+        let cpu1 = pid1.and_then(servers::proc_cpu_s);
         std::thread::sleep(a.events_grace);
         let mut events: Vec<Value> = subs.into_iter().flat_map(|s| s.finish()).collect();
-        if durable_seq {
+        let events_error = events
+            .iter()
+            .find_map(|e| e.get("error").and_then(Value::as_str).map(String::from));
+        if a.kill_daemon && numbering_continued {
             let mut seen = std::collections::HashSet::new();
             events.retain(|e| {
                 e.get("seq")
                     .and_then(Value::as_u64)
-                    .is_none_or(|q| seen.insert(q))
+                    .is_none_or(|q| q >= seq && seen.insert(q))
             });
         }
-        let after = p.stats().ok();
         let mut back: Vec<u32> = Vec::new();
         let mut s = StormResult {
             mode: if a.kill_daemon {
                 "kill-daemon"
+            } else if a.drop_share < 1.0 {
+                "partial-drop"
             } else {
                 "drop-all"
             }
             .into(),
             agents: c.online,
+            drop_share: a.drop_share,
+            resumption: env.common.resumption,
             restart_ms,
+            events_error,
+            presumed_online_after_restart: stat(&restarted, "presumed_online"),
             ..Default::default()
         };
         for m in replies {
             if let Msg::Storm {
                 back_ms,
                 not_back,
+                dropped,
                 failed_attempts,
                 errors,
             } = m
             {
                 back.extend(back_ms);
                 s.not_back += not_back;
+                s.dropped += dropped;
                 s.failed_attempts += failed_attempts;
                 merge_errors(&mut s.errors, errors);
             }
@@ -661,19 +848,138 @@ pub fn storm(a: StormArgs) -> Result<()> {
         s.events_total = events.iter().filter(|e| e.get("seq").is_some()).count() as u64;
         s.online_events = events.iter().filter(|e| state(e, "online")).count() as u64;
         s.offline_events = events.iter().filter(|e| state(e, "offline")).count() as u64;
-        s.agents_online_after = after
-            .as_ref()
-            .and_then(|v| v.get("agents_online"))
-            .and_then(Value::as_u64);
-        let _ = online_before;
+        s.agents_online_after = stat(&after, "agents_online");
+        // Counter deltas; a restarted daemon counts from zero.
+        let base = if a.kill_daemon { &None } else { &before };
+        let delta = |k: &str| stat(&after, k).map(|x| x.saturating_sub(stat(base, k).unwrap_or(0)));
+        s.handshakes = delta("handshakes_total");
+        s.handshakes_resumed = delta("handshakes_resumed_total");
+        s.admission_rejected = delta("admission_rejected_total");
+        s.resumed_share = match (s.handshakes_resumed, s.handshakes) {
+            (Some(r), Some(h)) if h > 0 => Some(round3(r as f64 / h as f64)),
+            _ => None,
+        };
+        s.server_cpu_s = if a.kill_daemon {
+            cpu1.map(round3)
+        } else {
+            cpu0.zip(cpu1).map(|(x, y)| round3(y - x))
+        };
+        s.per_server_cpu_s = s
+            .server_cpu_s
+            .filter(|c| *c > 0.0)
+            .map(|cpu| (s.back as f64 / cpu).round());
+        s.bound_ms =
+            (c.rate_per_s > 0.0).then(|| (s.dropped as f64 / c.rate_per_s * 1000.0).round() as u64);
+        if let Some(g) = group {
+            g.close()?;
+        }
         fleet.close()?;
         let mut r = base_result(t, n);
         r.connect = Some(c);
         r.heartbeat = Some(hb);
         r.storm = Some(s);
+        r.undisturbed = undisturbed;
+        // A restarted daemon counts from zero: its figures are in `storm`.
+        if !a.kill_daemon {
+            r.daemon = counter_delta(&before, &after);
+        }
         Ok(r)
     })?;
     let report = env.report("storm", vec![n as u64], targets);
+    env.print(&report)
+}
+
+pub fn upgrade(a: UpgradeArgs) -> Result<()> {
+    let mut env = Env::new(a.common, a.agents)?;
+    if !env.common.peers.is_empty() {
+        env.notes
+            .push("upgrade runs against presenced only: the peers have no upgrade verb".into());
+        env.common.peers.clear();
+    }
+    if a.interval.is_zero() {
+        bail!("--interval must be greater than 0");
+    }
+    if let Some(b) = &a.binary {
+        if !b.is_file() {
+            bail!("--binary {}: no such file", b.display());
+        }
+    }
+    let n = a.agents;
+    servers::become_subreaper();
+    let targets = each_target(&mut env, Duration::from_secs(60), |env, t| {
+        let mut fleet = spawn_fleet(env, t, n)?;
+        let (c, _, _) = connect(env, &mut fleet, t, n, 0, env.common.rate)?;
+        let p = t
+            .presenced()
+            .ok_or_else(|| anyhow!("upgrade needs presenced"))?;
+        wait_stat(p, "sessions", c.online, Duration::from_secs(20));
+        let ms = a.interval.as_millis() as u64;
+        fleet.run(&ProgressBar::hidden(), Duration::from_secs(30), |_| {
+            Cmd::Hold { interval_ms: ms }
+        })?;
+        let held = Instant::now();
+        std::thread::sleep(a.before);
+        let before = p.stats().ok();
+        let seq = stat(&before, "events_next_seq").unwrap_or(0);
+        let mut u = UpgradeResult {
+            binary: a.binary.as_ref().map(|b| b.display().to_string()),
+            old_pid: stat(&before, "pid"),
+            agents: c.online,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        match p.upgrade(a.binary.as_deref(), a.upgrade_timeout) {
+            Ok(v) => {
+                u.ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+                u.new_pid = v.get("new_pid").and_then(Value::as_u64);
+                u.elapsed_ms = v.get("elapsed_ms").and_then(Value::as_u64);
+                u.connections = v.get("connections").and_then(Value::as_u64);
+                u.records = v.get("records").and_then(Value::as_u64);
+                u.uncarried = v.get("uncarried").and_then(Value::as_u64);
+                u.error = v.get("error").and_then(Value::as_str).map(String::from);
+            }
+            Err(e) => u.error = Some(format!("{e:#}")),
+        }
+        u.request_ms = t0.elapsed().as_millis() as u64;
+        std::thread::sleep(a.after);
+        let replies = fleet.run(&ProgressBar::hidden(), Duration::from_secs(60), |_| {
+            Cmd::Release
+        })?;
+        let mut hb = heartbeats(replies, held.elapsed().as_secs_f64());
+        hb.interval_ms = Some(ms);
+        u.disconnects = hb.disconnects;
+        u.reconnects = hb.reconnects;
+        // The new process holds the ring now: read from the seq before.
+        let after = p.stats().ok();
+        u.sessions_after = stat(&after, "sessions");
+        u.pid_after = stat(&after, "pid");
+        let next = stat(&after, "events_next_seq").unwrap_or(seq);
+        let last = (next > seq).then(|| next - 1);
+        let limit = if last.is_some() {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(1)
+        };
+        let events = servers::EventSub::read_upto(&p.control, seq, last, limit)?;
+        u.events_error = events
+            .iter()
+            .find_map(|e| e.get("error").and_then(Value::as_str).map(String::from));
+        let state = |e: &Value, st: &str| e.get("state").and_then(Value::as_str) == Some(st);
+        u.events_total = events.iter().filter(|e| e.get("seq").is_some()).count() as u64;
+        u.offline_events = events.iter().filter(|e| state(e, "offline")).count() as u64;
+        u.online_events = events.iter().filter(|e| state(e, "online")).count() as u64;
+        fleet.close()?;
+        let mut r = base_result(t, n);
+        r.connect = Some(c);
+        r.heartbeat = Some(hb);
+        // Counters start again in the new process: deltas only without a switch.
+        if u.old_pid == u.pid_after {
+            r.daemon = counter_delta(&before, &after);
+        }
+        r.upgrade = Some(u);
+        Ok(r)
+    })?;
+    let report = env.report("upgrade", vec![n as u64], targets);
     env.print(&report)
 }
 
@@ -738,7 +1044,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
         let mut last_hb = HeartbeatResult::default();
         let mut last_slab = slab0.clone();
         for &n in &steps {
-            let (c, th, fh) = connect(env, &mut fleet, t, n, have)?;
+            let (c, th, fh) = connect(env, &mut fleet, t, n, have, env.common.rate)?;
             have = n;
             tls.add(&th)
                 .map_err(|e| anyhow!("merging histograms: {e}"))?;

@@ -67,9 +67,14 @@ pub struct Mem {
 
 /// Talk to a presenced control socket.
 pub fn control(socket: &Path, cmd: &str) -> Result<String> {
+    control_within(socket, cmd, Duration::from_secs(15))
+}
+
+/// Like [`control`], with a limit on the reply.
+pub fn control_within(socket: &Path, cmd: &str, limit: Duration) -> Result<String> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to control socket {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.set_read_timeout(Some(limit))?;
     s.write_all(cmd.as_bytes())?;
     s.write_all(b"\n")?;
     let mut out = String::new();
@@ -120,6 +125,44 @@ impl EventSub {
         })
     }
 
+    /// Lines received so far.
+    pub fn len(&self) -> usize {
+        self.events.lock().map(|g| g.len()).unwrap_or(0)
+    }
+
+    /// Whether an event with seq >= `seq` or an error line has arrived.
+    fn reached(&self, seq: u64) -> bool {
+        self.events.lock().is_ok_and(|g| {
+            g.iter().any(|v| {
+                v.get("error").is_some() || v.get("seq").and_then(Value::as_u64) >= Some(seq)
+            })
+        })
+    }
+
+    /// Read `events from FROM` until the event with seq `last` (inclusive)
+    /// has arrived, an error line came, or `limit` passed; then stop.
+    pub fn read_upto(
+        socket: &Path,
+        from: u64,
+        last: Option<u64>,
+        limit: Duration,
+    ) -> Result<Vec<Value>> {
+        let sub = Self::start(socket, from)?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let done = match last {
+                Some(l) => sub.reached(l),
+                // Nothing to wait for: a moment for an error line.
+                None => sub.len() > 0,
+            };
+            if done || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(sub.finish())
+    }
+
     /// End the subscription and return every line received.
     pub fn finish(mut self) -> Vec<Value> {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
@@ -142,6 +185,8 @@ pub struct Presenced {
     /// TLS key next to the CA (bench-started only), reused by peers.
     pub key: Option<PathBuf>,
     pub fleet_key_text: String,
+    /// A bench-owned daemon that took over by `upgrade` (not our child).
+    adopted: Option<u32>,
 }
 
 /// Settings of a bench-started presenced.
@@ -150,6 +195,8 @@ pub struct SpawnOpts<'a> {
     pub shards: usize,
     pub heartbeat_interval: Duration,
     pub offline_grace: Duration,
+    /// No [state] section (a presenced from before persistence rejects it).
+    pub legacy: bool,
 }
 
 impl Presenced {
@@ -195,10 +242,17 @@ miss_limit = 3
 offline_grace = "{grace}ms"
 hello_timeout = "10s"
 event_ring_capacity = 200000
-"#,
+{state}"#,
             shards = o.shards,
             hb = o.heartbeat_interval.as_millis(),
             grace = o.offline_grace.as_millis(),
+            // Each bench daemon keeps its state in its own temp dir, so a
+            // run never restores another run's presence.
+            state = if o.legacy {
+                ""
+            } else {
+                "\n[state]\ndir = \"state\"\n"
+            },
         );
         let config_path = dir.path().join("presenced.toml");
         std::fs::write(&config_path, config)
@@ -215,6 +269,7 @@ event_ring_capacity = 200000
             key: Some(dir.path().join("tls/key.pem")),
             fleet_key_text,
             _dir: Some(dir),
+            adopted: None,
         };
         p.respawn()?;
         Ok(p)
@@ -266,6 +321,7 @@ event_ring_capacity = 200000
             ca,
             key: None,
             fleet_key_text,
+            adopted: None,
         };
         p.stats()
             .context("attached daemon does not answer `stats`")?;
@@ -277,7 +333,11 @@ event_ring_capacity = 200000
             return String::new();
         };
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        // Backtrace frames are indented: keep the messages.
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("  ") && !l.trim().is_empty())
+            .collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
@@ -288,7 +348,18 @@ event_ring_capacity = 200000
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(st)) = child.try_wait() {
                     self.child = None;
-                    bail!("presenced exited at start ({st}):\n{}", self.log_tail());
+                    let tail = self.log_tail();
+                    let full = self
+                        .spawn
+                        .as_ref()
+                        .and_then(|(_, _, log)| std::fs::read_to_string(log).ok())
+                        .unwrap_or_default();
+                    let hint = if full.contains("unknown field") {
+                        "\n(an older presenced that does not know a config section? try --legacy-config)"
+                    } else {
+                        ""
+                    };
+                    bail!("presenced exited at start ({st}):\n{tail}{hint}");
                 }
             }
             if let Ok(v) = self.stats() {
@@ -342,8 +413,11 @@ event_ring_capacity = 200000
             let _ = c.wait();
         } else {
             // Not our child: wait for the pid to disappear.
+            if self.adopted == Some(pid) {
+                self.adopted = None;
+            }
             let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            while !pid_gone(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -370,8 +444,47 @@ event_ring_capacity = 200000
         }
     }
 
+    /// Send `upgrade [binary]` and wait for the daemon's report (JSON).
+    /// On success a bench-owned daemon is now the new pid: it is adopted
+    /// (stopped by [`stop`](Self::stop)), and the old child is reaped.
+    pub fn upgrade(&mut self, binary: Option<&Path>, limit: Duration) -> Result<Value> {
+        let cmd = match binary {
+            Some(b) => format!("upgrade {}", b.display()),
+            None => "upgrade".to_owned(),
+        };
+        let text = control_within(&self.control, &cmd, limit)?;
+        let v: Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("`{cmd}` replied with non-JSON {text:?}"))?;
+        let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+        let new_pid = v.get("new_pid").and_then(Value::as_u64);
+        if ok && self.spawn.is_some() {
+            if let Some(pid) = new_pid.and_then(|p| u32::try_from(p).ok()) {
+                self.adopted = Some(pid);
+            }
+            // The old process exits by itself: reap it (bounded).
+            if let Some(mut c) = self.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match c.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() > deadline => {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+
     /// Stop a bench-started daemon (SIGTERM, then SIGKILL).
     pub fn stop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            stop_pid(pid);
+        }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -393,8 +506,52 @@ event_ring_capacity = 200000
     }
 }
 
+/// Whether `pid` is gone (or a zombie nobody reaped yet).
+fn pid_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(text) => text
+            .rfind(')')
+            .and_then(|i| text.get(i + 2..i + 3))
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// SIGTERM a process that is not our child, wait, then SIGKILL.
+fn stop_pid(pid: u32) {
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    if nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pid_gone(pid) {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Reaped here when the bench is its subreaper (see `become_subreaper`).
+    let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+}
+
+/// Make orphaned descendants (a daemon started by `upgrade`, whose
+/// parent exits) children of this process, so they can be reaped.
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
 impl Drop for Presenced {
     fn drop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

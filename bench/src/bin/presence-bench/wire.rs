@@ -50,7 +50,30 @@ pub struct WorkerInit {
     pub keepalive_ms: u64,
     pub connect_timeout_ms: u64,
     /// Allow TLS session resumption (off: every handshake is a full one).
+    /// On: every agent keeps its own client config (and session cache)
+    /// across reconnects, so its tickets are its own.
     pub resumption: bool,
+    /// Retries of a failed first connect (full-jitter backoff); 0 = a
+    /// failed connect counts as failed.
+    #[serde(default)]
+    pub connect_retries: u32,
+    /// Backoff of those retries.
+    #[serde(default = "default_retry_backoff")]
+    pub retry_backoff: BackoffSpec,
+    /// Scheduling priority (nice) of the worker process; 0 = unchanged.
+    #[serde(default)]
+    pub nice: i32,
+}
+
+fn default_retry_backoff() -> BackoffSpec {
+    BackoffSpec {
+        initial_ms: 500,
+        max_ms: 5000,
+    }
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Reconnect policy (full-jitter exponential backoff).
@@ -77,11 +100,19 @@ pub enum Cmd {
     /// Heartbeat every `interval_ms` (+-10 % jitter) for `duration_ms`, recording RTTs.
     Steady { duration_ms: u64, interval_ms: u64 },
     /// Drop every connection at once (TCP reset, no BYE) and reconnect with backoff.
-    /// `already_dead`: the server was killed; only forget the sockets.
     Storm {
         backoff: BackoffSpec,
         deadline_ms: u64,
+        /// Share of the online agents that drop (the same agents in every
+        /// worker for a given share); the rest keep their connection.
+        #[serde(default = "one")]
+        drop_share: f64,
     },
+    /// Every online agent heartbeats every `interval_ms` (+-10 %) until
+    /// `Release`; answered at once with `Holding`.
+    Hold { interval_ms: u64 },
+    /// End a `Hold`; answered with `Heartbeats` for the whole hold.
+    Release,
     /// Close every connection politely and exit.
     Close,
 }
@@ -104,6 +135,9 @@ pub enum Msg {
     Connected {
         ok: u64,
         failed: u64,
+        /// Failed attempts that were retried (--connect-retries).
+        #[serde(default)]
+        retried: u64,
         /// Agents this worker now holds online.
         online: u64,
         elapsed_ms: u64,
@@ -119,14 +153,28 @@ pub enum Msg {
         rtt_us: HistData,
         /// Sessions lost while the command ran.
         disconnects: u64,
+        /// Sessions re-established after such a loss.
+        #[serde(default)]
+        reconnects: u64,
         online: u64,
+        /// Per agent, the longest time between two acknowledged heartbeats
+        /// (from the start of the phase to its end).
+        #[serde(default)]
+        gap_us: HistData,
         errors: Vec<String>,
+    },
+    /// A `Hold` started.
+    Holding {
+        online: u64,
     },
     Storm {
         /// Per agent back online, milliseconds after the drop.
         back_ms: Vec<u32>,
         /// Agents that were not back before the deadline.
         not_back: u64,
+        /// Agents that dropped (all online agents unless `drop_share` < 1).
+        #[serde(default)]
+        dropped: u64,
         /// Failed connection attempts during the storm.
         failed_attempts: u64,
         errors: Vec<String>,

@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use presence_client::{Alpn, Backoff, ClientTls, FleetKey};
 use rand::Rng;
 use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -65,8 +66,20 @@ enum PhaseKind {
         t0: Instant,
         backoff: Backoff,
         deadline: Instant,
+        share: f64,
     },
     Close,
+}
+
+/// Whether agent `local` is one of the `share` that drop in a storm: a
+/// fixed pseudo-random choice per index, so a given share always picks
+/// the same agents and is spread over ids (and so over shards).
+pub fn selected(local: usize, share: f64) -> bool {
+    if share >= 1.0 {
+        return true;
+    }
+    let h = (local as u64 ^ 0x5DEE_CE66_D1CE_4E5B).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,11 +107,19 @@ struct Shared {
     ok: Cell<u64>,
     failed: Cell<u64>,
     disconnects: Cell<u64>,
+    reconnects: Cell<u64>,
+    retried: Cell<u64>,
     failed_attempts: Cell<u64>,
     not_back: Cell<u64>,
+    dropped: Cell<u64>,
+    /// Agents measuring heartbeat gaps right now (Steady / Hold).
+    tracking: Cell<u64>,
+    /// Which agents hold a session, by local index.
+    alive: RefCell<Vec<bool>>,
     tls_h: RefCell<Histogram<u64>>,
     full_h: RefCell<Histogram<u64>>,
     rtt_h: RefCell<Histogram<u64>>,
+    gap_h: RefCell<Histogram<u64>>,
     back_ms: RefCell<Vec<u32>>,
     errors: RefCell<Vec<String>>,
 }
@@ -131,11 +152,15 @@ impl Shared {
         self.ok.set(0);
         self.failed.set(0);
         self.disconnects.set(0);
+        self.reconnects.set(0);
+        self.retried.set(0);
         self.failed_attempts.set(0);
         self.not_back.set(0);
+        self.dropped.set(0);
         self.tls_h.borrow_mut().reset();
         self.full_h.borrow_mut().reset();
         self.rtt_h.borrow_mut().reset();
+        self.gap_h.borrow_mut().reset();
         self.back_ms.borrow_mut().clear();
         self.errors.borrow_mut().clear();
     }
@@ -151,8 +176,62 @@ impl Shared {
         std::mem::take(&mut *self.errors.borrow_mut())
     }
 
-    fn dec_online(&self) {
+    /// Agent `local` lost (or closed) its session.
+    fn down(&self, local: usize) {
         self.online.set(self.online.get().saturating_sub(1));
+        if let Some(a) = self.alive.borrow_mut().get_mut(local) {
+            *a = false;
+        }
+    }
+
+    /// Agent `local` holds a session (its WELCOME came back).
+    fn up(&self, local: usize) {
+        self.online.set(self.online.get() + 1);
+        if let Some(a) = self.alive.borrow_mut().get_mut(local) {
+            *a = true;
+        }
+    }
+
+    /// The client config agent `local` uses for all its connects: shared
+    /// without resumption; its own (with its own session cache) with it.
+    fn agent_tls(&self) -> Arc<ClientConfig> {
+        if self.init.resumption {
+            let mut cfg = (*self.ctx.tls).clone();
+            cfg.resumption = rustls::client::Resumption::in_memory_sessions(4);
+            Arc::new(cfg)
+        } else {
+            self.ctx.tls.clone()
+        }
+    }
+}
+
+/// Heartbeat-gap bookkeeping of one agent during Steady / Hold.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    last: Instant,
+    max: Duration,
+}
+
+impl Gap {
+    fn start(sh: &Shared) -> Gap {
+        sh.tracking.set(sh.tracking.get() + 1);
+        Gap {
+            last: Instant::now(),
+            max: Duration::ZERO,
+        }
+    }
+
+    fn ack(&mut self) {
+        let now = Instant::now();
+        self.max = self.max.max(now - self.last);
+        self.last = now;
+    }
+
+    /// End of the phase: the open interval counts too.
+    fn finish(mut self, sh: &Shared) {
+        self.ack();
+        record(&mut sh.gap_h.borrow_mut(), self.max.as_micros() as u64);
+        sh.tracking.set(sh.tracking.get().saturating_sub(1));
     }
 }
 
@@ -172,6 +251,7 @@ fn random_upto(d: Duration) -> Duration {
 /// is closing or the deadline passed.
 async fn reconnect(
     sh: &Shared,
+    tls: &Arc<ClientConfig>,
     id: &str,
     src: Option<IpAddr>,
     backoff: Backoff,
@@ -198,7 +278,7 @@ async fn reconnect(
         let left = deadline.saturating_duration_since(Instant::now());
         match timeout(
             sh.connect_timeout.min(left),
-            Link::connect(&sh.ctx, id, src),
+            Link::connect(&sh.ctx, tls, id, src),
         )
         .await
         {
@@ -214,40 +294,57 @@ async fn reconnect(
 async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
     let id = sh.agent_id(local);
     let src = sh.source(local);
+    let tls = sh.agent_tls();
     let mut rx = sh.phase.subscribe();
     let mut seen = rx.borrow_and_update().epoch;
-    let res = timeout(sh.connect_timeout, Link::connect(&sh.ctx, &id, src)).await;
-    drop(permit);
-    let mut link = match res {
-        Ok(Ok((link, times))) => {
-            record(&mut sh.tls_h.borrow_mut(), times.tls.as_micros() as u64);
-            record(&mut sh.full_h.borrow_mut(), times.full.as_micros() as u64);
-            sh.ok.set(sh.ok.get() + 1);
-            sh.online.set(sh.online.get() + 1);
-            link
+    let mut permit = Some(permit);
+    let retries = sh.init.connect_retries;
+    let retry_backoff = Backoff {
+        initial: Duration::from_millis(sh.init.retry_backoff.initial_ms),
+        max: Duration::from_millis(sh.init.retry_backoff.max_ms),
+    };
+    let mut attempt = 0u32;
+    let mut link = loop {
+        let res = timeout(sh.connect_timeout, Link::connect(&sh.ctx, &tls, &id, src)).await;
+        permit.take();
+        match res {
+            Ok(Ok((link, times))) => {
+                record(&mut sh.tls_h.borrow_mut(), times.tls.as_micros() as u64);
+                record(&mut sh.full_h.borrow_mut(), times.full.as_micros() as u64);
+                sh.ok.set(sh.ok.get() + 1);
+                sh.up(local);
+                break link;
+            }
+            Ok(Err(e)) => sh.error(format!("{e:#}")),
+            Err(_) => sh.error("connect timed out"),
         }
-        Ok(Err(e)) => {
+        if attempt >= retries {
             sh.failed.set(sh.failed.get() + 1);
-            sh.error(format!("{e:#}"));
             return;
         }
-        Err(_) => {
-            sh.failed.set(sh.failed.get() + 1);
-            sh.error("connect timed out");
-            return;
-        }
+        sh.retried.set(sh.retried.get() + 1);
+        sleep(retry_backoff.delay(attempt, &mut rand::thread_rng())).await;
+        attempt += 1;
     };
     let mut mode = Mode::Idle;
+    let mut gap: Option<Gap> = None;
     let mut next = Instant::now() + random_upto(sh.keepalive);
     let mut seq = 0u32;
     loop {
         let phase = *rx.borrow_and_update();
         if phase.epoch != seen {
             seen = phase.epoch;
+            let keeps_link =
+                matches!(phase.kind, PhaseKind::Storm { share, .. } if !selected(local, share));
+            if !keeps_link {
+                if let Some(g) = gap.take() {
+                    g.finish(&sh);
+                }
+            }
             match phase.kind {
                 PhaseKind::Close => {
                     let _ = timeout(CLOSE_TIMEOUT, link.close()).await;
-                    sh.dec_online();
+                    sh.down(local);
                     return;
                 }
                 PhaseKind::Idle => mode = Mode::Idle,
@@ -257,20 +354,24 @@ async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
                 }
                 PhaseKind::Steady { interval, until } => {
                     mode = Mode::Steady { interval, until };
+                    gap = Some(Gap::start(&sh));
                     next = Instant::now() + random_upto(interval);
                 }
+                PhaseKind::Storm { .. } if keeps_link => {}
                 PhaseKind::Storm {
                     t0,
                     backoff,
                     deadline,
+                    ..
                 } => {
                     link.abort();
-                    sh.dec_online();
-                    match reconnect(&sh, &id, src, backoff, deadline, &mut rx).await {
+                    sh.down(local);
+                    sh.dropped.set(sh.dropped.get() + 1);
+                    match reconnect(&sh, &tls, &id, src, backoff, deadline, &mut rx).await {
                         Some(l) => {
                             let ms = u32::try_from(t0.elapsed().as_millis()).unwrap_or(u32::MAX);
                             sh.back_ms.borrow_mut().push(ms);
-                            sh.online.set(sh.online.get() + 1);
+                            sh.up(local);
                             link = l;
                         }
                         None => {
@@ -299,6 +400,9 @@ async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
                 Mode::Once | Mode::Steady { .. } => {
                     record(&mut sh.rtt_h.borrow_mut(), rtt.as_micros() as u64);
                     sh.ok.set(sh.ok.get() + 1);
+                    if let Some(g) = gap.as_mut() {
+                        g.ack();
+                    }
                     if matches!(mode, Mode::Once) {
                         mode = Mode::Idle;
                     }
@@ -311,7 +415,7 @@ async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
                     _ => sh.error("heartbeat timed out"),
                 }
                 sh.disconnects.set(sh.disconnects.get() + 1);
-                sh.dec_online();
+                sh.down(local);
                 if !matches!(mode, Mode::Idle) {
                     sh.failed.set(sh.failed.get() + 1);
                 }
@@ -319,12 +423,18 @@ async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
                     mode = Mode::Idle;
                 }
                 let deadline = Instant::now() + Duration::from_secs(60);
-                match reconnect(&sh, &id, src, Backoff::default(), deadline, &mut rx).await {
+                match reconnect(&sh, &tls, &id, src, Backoff::default(), deadline, &mut rx).await {
                     Some(l) => {
                         link = l;
-                        sh.online.set(sh.online.get() + 1);
+                        sh.up(local);
+                        sh.reconnects.set(sh.reconnects.get() + 1);
                     }
-                    None => return,
+                    None => {
+                        if let Some(g) = gap.take() {
+                            g.finish(&sh);
+                        }
+                        return;
+                    }
                 }
             }
         }
@@ -334,6 +444,9 @@ async fn agent(sh: Rc<Shared>, local: usize, permit: OwnedSemaphorePermit) {
                 let n = now + jitter(interval);
                 if n >= until {
                     mode = Mode::Idle;
+                    if let Some(g) = gap.take() {
+                        g.finish(&sh);
+                    }
                     now + jitter(sh.keepalive)
                 } else {
                     n
@@ -390,8 +503,10 @@ async fn do_connect(sh: &Rc<Shared>, upto: usize, rate: f64, concurrency: usize)
         }
     }
     let total = n as u64;
+    let retries = sh.init.connect_retries;
+    let per_try = sh.connect_timeout + Duration::from_millis(sh.init.retry_backoff.max_ms);
     wait_for(
-        sh.connect_timeout + Duration::from_secs(5),
+        per_try * retries.saturating_add(1) + Duration::from_secs(5),
         || sh.ok.get() + sh.failed.get() >= total,
         || (sh.ok.get(), sh.failed.get()),
     )
@@ -401,6 +516,7 @@ async fn do_connect(sh: &Rc<Shared>, upto: usize, rate: f64, concurrency: usize)
     Msg::Connected {
         ok: sh.ok.get(),
         failed: sh.failed.get() + pending,
+        retried: sh.retried.get(),
         online: sh.online.get(),
         elapsed_ms,
         tls_us: hist_to_data(&sh.tls_h.borrow()),
@@ -415,7 +531,9 @@ fn heartbeats_msg(sh: &Shared) -> Msg {
         failed: sh.failed.get(),
         rtt_us: hist_to_data(&sh.rtt_h.borrow()),
         disconnects: sh.disconnects.get(),
+        reconnects: sh.reconnects.get(),
         online: sh.online.get(),
+        gap_us: hist_to_data(&sh.gap_h.borrow()),
         errors: sh.take_errors(),
     }
 }
@@ -460,12 +578,42 @@ async fn handle(sh: &Rc<Shared>, cmd: Cmd) -> Msg {
             .await;
             heartbeats_msg(sh)
         }
+        Cmd::Hold { interval_ms } => {
+            sh.reset();
+            sh.publish(PhaseKind::Steady {
+                interval: Duration::from_millis(interval_ms.max(1)),
+                // Until `Release`.
+                until: Instant::now() + Duration::from_secs(86_400),
+            });
+            Msg::Holding {
+                online: sh.online.get(),
+            }
+        }
+        Cmd::Release => {
+            sh.publish(PhaseKind::Idle);
+            // Agents waiting for an answer see the change when it comes.
+            wait_for(
+                HEARTBEAT_TIMEOUT + Duration::from_secs(1),
+                || sh.tracking.get() == 0,
+                || (sh.ok.get(), sh.failed.get()),
+            )
+            .await;
+            heartbeats_msg(sh)
+        }
         Cmd::Storm {
             backoff,
             deadline_ms,
+            drop_share,
         } => {
             sh.reset();
-            let expected = sh.online.get();
+            let share = drop_share.clamp(0.0, 1.0);
+            let expected = sh
+                .alive
+                .borrow()
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| **a && selected(*i, share))
+                .count() as u64;
             let t0 = Instant::now();
             let deadline = t0 + Duration::from_millis(deadline_ms);
             sh.publish(PhaseKind::Storm {
@@ -475,6 +623,7 @@ async fn handle(sh: &Rc<Shared>, cmd: Cmd) -> Msg {
                     max: Duration::from_millis(backoff.max_ms),
                 },
                 deadline,
+                share,
             });
             wait_for(
                 Duration::from_millis(deadline_ms) + Duration::from_secs(2),
@@ -487,6 +636,7 @@ async fn handle(sh: &Rc<Shared>, cmd: Cmd) -> Msg {
             Msg::Storm {
                 back_ms,
                 not_back,
+                dropped: sh.dropped.get(),
                 failed_attempts: sh.failed_attempts.get(),
                 errors: sh.take_errors(),
             }
@@ -541,6 +691,7 @@ fn build_shared(init: WorkerInit) -> Result<Shared> {
         epoch: 0,
         kind: PhaseKind::Idle,
     });
+    let agents = init.agents;
     Ok(Shared {
         connect_timeout: Duration::from_millis(init.connect_timeout_ms.max(100)),
         keepalive,
@@ -552,11 +703,17 @@ fn build_shared(init: WorkerInit) -> Result<Shared> {
         ok: Cell::new(0),
         failed: Cell::new(0),
         disconnects: Cell::new(0),
+        reconnects: Cell::new(0),
+        retried: Cell::new(0),
         failed_attempts: Cell::new(0),
         not_back: Cell::new(0),
+        dropped: Cell::new(0),
+        tracking: Cell::new(0),
+        alive: RefCell::new(vec![false; agents]),
         tls_h: RefCell::new(new_hist()),
         full_h: RefCell::new(new_hist()),
         rtt_h: RefCell::new(new_hist()),
+        gap_h: RefCell::new(new_hist()),
         back_ms: RefCell::new(Vec::new()),
         errors: RefCell::new(Vec::new()),
     })
@@ -570,6 +727,17 @@ async fn main_loop() -> Result<()> {
         .context("reading init")?
         .context("no init line on stdin")?;
     let init: WorkerInit = serde_json::from_str(&first).context("parsing init")?;
+    if init.nice != 0 {
+        // SAFETY: setpriority has no memory preconditions.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, init.nice) };
+        if r != 0 {
+            anyhow::bail!(
+                "setpriority({}): {}",
+                init.nice,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     let sh = Rc::new(build_shared(init)?);
     send(&Msg::Ready {
         pid: std::process::id(),
@@ -607,4 +775,20 @@ pub fn run() -> Result<()> {
         });
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_share_picks_about_that_share() {
+        let n = 10_000;
+        let half = (0..n).filter(|&i| selected(i, 0.5)).count();
+        assert!((4_700..=5_300).contains(&half), "{half}");
+        assert_eq!((0..n).filter(|&i| selected(i, 1.0)).count(), n);
+        assert_eq!((0..n).filter(|&i| selected(i, 0.0)).count(), 0);
+        // A smaller share is a subset of a larger one.
+        assert!((0..n).all(|i| !selected(i, 0.2) || selected(i, 0.6)));
+    }
 }
