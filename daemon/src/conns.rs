@@ -67,6 +67,8 @@ pub struct Scratch {
     pub reply: Vec<u8>,
     /// Sealed output.
     pub out: Vec<u8>,
+    /// What one read asked for (frames, closes), acted on by `apply`.
+    pub steps: Vec<Step>,
 }
 
 impl Default for Scratch {
@@ -76,6 +78,7 @@ impl Default for Scratch {
             plain: Vec::with_capacity(16 * 1024),
             reply: Vec::with_capacity(4 * 1024),
             out: Vec::with_capacity(8 * 1024),
+            steps: Vec::with_capacity(64),
         }
     }
 }
@@ -232,7 +235,7 @@ impl Shard {
         };
         let _ = closing;
         if !steps.is_empty() {
-            self.apply(key, gen, steps);
+            self.apply(key, gen, &mut steps);
         }
     }
 
@@ -258,7 +261,9 @@ impl Shard {
 
     /// A session's socket is ready.
     fn on_ready(&self, key: usize, gen: u32, flags: EpollFlags) {
-        let (steps, close) = {
+        // The shard's step buffer, out of the scratch while `apply` borrows it.
+        let mut steps = std::mem::take(&mut self.scratch.borrow_mut().steps);
+        let close = {
             let mut conns = self.conns.borrow_mut();
             let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
@@ -278,24 +283,24 @@ impl Shard {
                 read, plain, out, ..
             } = &mut *scratch;
             out.clear();
-            let r = s.read(read, plain, out);
+            s.read(read, plain, out, &mut steps);
             // KeyUpdate replies and the like.
             if !out.is_empty() {
                 close |= !s.send(out);
             }
-            (r.steps, close)
+            close
         };
         if close {
             self.close_session(key, gen, GoneReason::Disconnect);
-            return;
+        } else if !steps.is_empty() {
+            self.apply(key, gen, &mut steps);
         }
-        if !steps.is_empty() {
-            self.apply(key, gen, steps);
-        }
+        steps.clear();
+        self.scratch.borrow_mut().steps = steps;
     }
 
     /// Act on what a session's input asked for; reply with one sealed record.
-    fn apply(&self, key: usize, gen: u32, steps: Vec<Step>) {
+    fn apply(&self, key: usize, gen: u32, steps: &mut Vec<Step>) {
         tracing::trace!(shard = self.id, key, ?steps, "session steps");
         let now = self.now_ms();
         let mut hello: Option<(Box<str>, u64)> = None;
@@ -313,7 +318,7 @@ impl Shard {
             let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
                 return;
             };
-            for step in steps {
+            for step in steps.drain(..) {
                 if matches!(step, Step::Frame(_)) {
                     e.last_seen_ms = now;
                 }
@@ -788,7 +793,7 @@ impl Shard {
 
     /// Process input already held in a session's pending buffers.
     fn kick(&self, key: usize, gen: u32) {
-        let steps = {
+        let mut steps = {
             let mut conns = self.conns.borrow_mut();
             let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
@@ -814,7 +819,7 @@ impl Shard {
             steps
         };
         if !steps.is_empty() {
-            self.apply(key, gen, steps);
+            self.apply(key, gen, &mut steps);
         }
     }
 

@@ -68,13 +68,6 @@ pub enum Step {
     },
 }
 
-/// The outcome of reading from a readable session.
-pub struct ReadOutcome {
-    pub steps: Vec<Step>,
-    /// Whether any bytes arrived.
-    pub got_bytes: bool,
-}
-
 impl Session {
     pub fn new(fd: OwnedFd, tls: LeanSession) -> Self {
         Self {
@@ -104,34 +97,34 @@ impl Session {
     }
 
     /// Read what the socket has (into the shard's `buf`), open records and
-    /// split frames. Frames are returned in order; processing stops at the
-    /// first closing step.
-    pub fn read(&mut self, buf: &mut [u8], plain: &mut Vec<u8>, out: &mut Vec<u8>) -> ReadOutcome {
-        let mut res = ReadOutcome {
-            steps: Vec::new(),
-            got_bytes: false,
-        };
+    /// split frames into `steps` (the shard's, reused), in order; processing
+    /// stops at the first closing step.
+    pub fn read(
+        &mut self,
+        buf: &mut [u8],
+        plain: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        steps: &mut Vec<Step>,
+    ) {
         for _ in 0..READS_PER_EVENT {
             let n = match recv(self.fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => {
-                    res.steps.push(Step::Closed);
+                    steps.push(Step::Closed);
                     break;
                 }
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => break,
                 Err(Errno::EINTR) => continue,
                 Err(_) => {
-                    res.steps.push(Step::Closed);
+                    steps.push(Step::Closed);
                     break;
                 }
             };
-            res.got_bytes = true;
-            if self.ingest(&mut buf[..n], plain, out, &mut res.steps) || n < buf.len() {
+            if self.ingest(&mut buf[..n], plain, out, steps) || n < buf.len() {
                 break;
             }
         }
         self.shrink_pending();
-        res
     }
 
     /// Process received ciphertext. Returns true when a closing step was produced.

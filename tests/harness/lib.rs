@@ -170,18 +170,7 @@ impl Daemon {
 
     /// `presenced dev-init` into a temp dir, write the test config, spawn `serve`.
     pub fn start_with(o: Options) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("pd")
-            .tempdir_in(std::env::temp_dir())
-            .expect("tempdir");
-        let out = Command::new(bin("presenced"))
-            .arg("dev-init")
-            .arg(dir.path())
-            .output()
-            .expect("spawn presenced dev-init");
-        assert!(out.status.success(), "dev-init failed: {out:?}");
-        std::fs::write(dir.path().join("presenced.toml"), config_text(&o)).expect("write config");
-        Self::spawn_in(dir)
+        Self::spawn_in(dev_setup(&config_text(&o)))
     }
 
     /// Spawn `presenced serve` on the setup already in `dir`.
