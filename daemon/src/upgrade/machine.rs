@@ -351,6 +351,18 @@ struct Side {
 }
 
 impl Side {
+    /// A side of the hand-over, at its first step.
+    fn start(sock: UnixStream, timeout: Duration, role: &'static str) -> Side {
+        info!(role, step = %Step::Prepare, "upgrade: start");
+        Side {
+            sock,
+            timeout,
+            step: Step::Prepare,
+            transitions: vec![Step::Prepare],
+            role,
+        }
+    }
+
     fn enter(&mut self, step: Step) {
         info!(role = self.role, from = %self.step, to = %step, "upgrade: step");
         self.step = step;
@@ -439,14 +451,7 @@ pub fn run_source<S: Source>(
     timeout: Duration,
 ) -> Result<SourceOutcome, UpgradeError> {
     let started = Instant::now();
-    let mut side = Side {
-        sock,
-        timeout,
-        step: Step::Prepare,
-        transitions: vec![Step::Prepare],
-        role: "source",
-    };
-    info!(role = "source", step = %Step::Prepare, "upgrade: start");
+    let mut side = Side::start(sock, timeout, "source");
     match drive_source(&mut side, src) {
         Ok(mut out) => {
             side.enter(Step::Exit);
@@ -700,14 +705,7 @@ pub fn run_target<T: Target>(
     tgt: &mut T,
     timeout: Duration,
 ) -> Result<TargetOutcome, UpgradeError> {
-    let mut side = Side {
-        sock,
-        timeout,
-        step: Step::Prepare,
-        transitions: vec![Step::Prepare],
-        role: "target",
-    };
-    info!(role = "target", step = %Step::Prepare, "upgrade: start");
+    let mut side = Side::start(sock, timeout, "target");
     match drive_target(&mut side, tgt) {
         Ok(mut out) => {
             side.enter(Step::Exit);
