@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::process::Child;
 use std::thread;
 use std::time::Duration;
 
@@ -737,99 +737,6 @@ fn target_rejects_a_non_listening_socket_as_listener() {
     assert!(t.join().unwrap().is_err());
 }
 
-// ------------------------------------------------------------ two processes
-
-const CHILD_ENV: &str = "PRESENCED_UPGRADE_TEST_CHILD";
-const CHILD_TEST: &str = "upgrade::tests::child_target";
-
-/// The target half of `spawned_target_end_to_end`, run in a child process
-/// (this test binary re-executed). Does nothing when run normally.
-#[test]
-#[ignore = "child half of spawned_target_end_to_end; runs only when spawned by it"]
-fn child_target() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let (shards, listen) = spec.split_once(',').unwrap();
-    let sock = spawn::target_socket(None).unwrap().expect("upgrade fd");
-    let mut tgt = FakeTarget {
-        expect: Some((shards.parse().unwrap(), listen.to_string())),
-        notify: true,
-        ..Default::default()
-    };
-    run_target(sock, &mut tgt, Duration::from_secs(20)).unwrap();
-    // Serve: echo once on every adopted connection, then accept one new one.
-    for (_, fd) in tgt.conns {
-        let mut s = TcpStream::from(fd);
-        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut buf = [0u8; 10];
-        s.read_exact(&mut buf).unwrap();
-        s.write_all(b"pong").unwrap();
-    }
-    let l = TcpListener::from(tgt.listeners.into_iter().next().unwrap());
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut buf = [0u8; 10];
-    s.read_exact(&mut buf).unwrap();
-    s.write_all(b"pong").unwrap();
-}
-
-#[test]
-fn spawned_target_end_to_end_with_notify_fake() {
-    const N: usize = 60;
-    let (listener, mut clients, servers) = tcp_setup(N);
-    let addr = listener.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let notify_path = dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        CHILD_TEST,
-        "--exact",
-        "--ignored",
-        "--test-threads=1",
-        "--nocapture",
-    ])
-    .env(CHILD_ENV, format!("2,{addr}"))
-    .env("NOTIFY_SOCKET", &notify_path)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null());
-    let spawned = spawn::spawn_with(cmd, false).unwrap();
-    let pid = spawned.child.id();
-    let mut src = FakeSource::new(2, listener, servers, 20);
-    src.child = Some(spawned.child);
-    let out = run_source(spawned.sock, &mut src, Duration::from_secs(20)).unwrap();
-    assert_eq!(out.target_pid, pid);
-    assert!(src.finished);
-
-    // The new process claimed the unit before it reported Serving.
-    let mut buf = [0u8; 512];
-    let n = notify.recv(&mut buf).unwrap();
-    let dgram = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(
-        dgram.starts_with(&format!("MAINPID={pid}\nREADY=1\n")),
-        "{dgram:?}"
-    );
-    assert!(dgram.contains("STATUS=took over"), "{dgram:?}");
-
-    // Connections are served by the other process now.
-    for (i, c) in clients.iter_mut().enumerate() {
-        c.write_all(format!("ping-{i:05}").as_bytes()).unwrap();
-    }
-    for c in clients.iter_mut() {
-        let mut b = [0u8; 4];
-        c.read_exact(&mut b).unwrap();
-        assert_eq!(&b, b"pong");
-    }
-    let mut fresh = TcpStream::connect(addr).unwrap();
-    fresh.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    fresh.write_all(b"ping-fresh").unwrap();
-    let mut b = [0u8; 4];
-    fresh.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"pong");
-
-    let mut child = src.child.take().unwrap();
-    assert!(child.wait().unwrap().success());
-}
+// The same hand-over between two real processes (spawn, inherited socket,
+// live agents, MAINPID on a notify socket) is tested end to end with the
+// daemon binary in tests/upgrade.rs.
