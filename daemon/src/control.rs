@@ -378,6 +378,10 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
             if report.ok {
                 shard
                     .rt
+                    .handed_over
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                shard
+                    .rt
                     .shutdown
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }

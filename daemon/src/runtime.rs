@@ -32,6 +32,9 @@ pub struct Runtime {
     /// The address actually bound (port 0 resolved).
     pub listen: SocketAddr,
     pub shutdown: Arc<AtomicBool>,
+    /// A live upgrade committed: the control socket path belongs to the new
+    /// process now, whatever the file there looks like.
+    pub handed_over: AtomicBool,
     /// Raised by SIGHUP; the event shard reloads and lowers it.
     pub reload_requested: Arc<AtomicBool>,
     pub started: Instant,
@@ -72,6 +75,7 @@ impl Runtime {
             listen,
             shutdown,
             reload_requested,
+            handed_over: AtomicBool::new(false),
             started: Instant::now(),
             shards_ready: AtomicUsize::new(0),
             reload: Mutex::new(ReloadStatus::default()),

@@ -357,6 +357,13 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
             result = Err(ServerError::ShardPanicked { shard: id });
         }
     }
-    crate::control::remove_if_ours(&runtime.config.server.control_socket, control_ino);
+    // After a hand-over the path is the new process's: never remove it (its
+    // file may even have our old inode number, reused by the filesystem).
+    if !runtime
+        .handed_over
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        crate::control::remove_if_ours(&runtime.config.server.control_socket, control_ino);
+    }
     result
 }
