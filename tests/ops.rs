@@ -915,7 +915,7 @@ fn write(path: &Path, text: &str) {
 /// A fake proc tree matching the 1m profile: every sysctl at the profile's
 /// value, limits that fit, 256 GiB of RAM and 16 CPUs.
 fn good_proc_tree() -> tempfile::TempDir {
-    use presenced::tuning::Profile;
+    use presenced::ops::tuning::Profile;
     let dir = tempfile::tempdir().unwrap();
     let p = Profile::Agents1m;
     for e in p.entries().unwrap() {

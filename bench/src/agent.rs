@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use presenced::auth::FleetKey;
-use presenced::protocol::{validate_id, ErrorCode, Frame, ProtocolError, TOKEN_LEN};
+use presence_proto::FleetKey;
+use presence_proto::{validate_id, ErrorCode, Frame, ProtocolError, TOKEN_LEN};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use thiserror::Error;

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use presenced::protocol::{ErrorCode, Frame, FrameDecoder, ProtocolError, TOKEN_LEN, VERSION};
+use presence_proto::{ErrorCode, Frame, FrameDecoder, ProtocolError, TOKEN_LEN, VERSION};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use thiserror::Error;
@@ -379,7 +379,7 @@ mod tests {
     use super::*;
     use crate::testutil::TestServer;
     use crate::tls::{Alpn, ClientTls};
-    use presenced::protocol::ALPN;
+    use presence_proto::ALPN;
 
     async fn pair(server: &mut TestServer) -> (Connection, crate::testutil::ServerConn) {
         let conn = Connection::connect(server.addr(), "localhost", server.client_config())
@@ -536,7 +536,7 @@ mod tests {
 
     #[tokio::test]
     async fn hello_welcome_heartbeat_bye() {
-        let key = presenced::auth::FleetKey::from_bytes([3; 32]);
+        let key = presence_proto::FleetKey::from_bytes([3; 32]);
         let mut server = TestServer::start().await;
         let (mut conn, mut sc) = pair(&mut server).await;
         let srv = tokio::spawn(async move {
@@ -546,7 +546,7 @@ mod tests {
             };
             assert_eq!(version, VERSION);
             assert_eq!(id, b"agent-1");
-            assert!(presenced::auth::FleetKey::from_bytes([3; 32]).verify(&id, &token));
+            assert!(presence_proto::FleetKey::from_bytes([3; 32]).verify(&id, &token));
             sc.send(&Frame::Welcome {
                 heartbeat_interval_ms: 250,
                 session_id: 5,

@@ -24,4 +24,5 @@ pub use shutdown::{shutdown_channel, ShutdownHandle, ShutdownSignal};
 pub use tls::{Alpn, ClientTls, TlsError};
 
 /// Re-export of the daemon's wire codec and fleet key, for convenience.
-pub use presenced::{auth::FleetKey, protocol};
+pub use presence_proto as protocol;
+pub use presence_proto::FleetKey;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use presenced::lean::record::{LeanSession, Suite};
+use presenced::tls::record::{LeanSession, Suite};
 
 const N: u32 = 50_000;
 

@@ -44,7 +44,7 @@ pub struct Config {
     #[serde(default)]
     pub state: StateConfig,
     #[serde(default)]
-    pub guard: crate::guard::GuardConfig,
+    pub guard: crate::presence::guard::GuardConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use presenced::auth::FleetKey;
+use presence_proto::FleetKey;
 use presenced::config::Config;
-use presenced::{devinit, server};
+use presenced::ops::devinit;
+use presenced::process::start as server;
 
 /// Thread-per-core TLS presence daemon for RMM agent fleets.
 #[derive(Parser)]
@@ -62,7 +63,7 @@ enum TuningCommand {
         #[arg(long)]
         profile: String,
         /// Where /proc is (a fake tree for tests).
-        #[arg(long, default_value = presenced::tuning::DEFAULT_PROC_ROOT)]
+        #[arg(long, default_value = presenced::ops::tuning::DEFAULT_PROC_ROOT)]
         proc_root: PathBuf,
         /// Read the limits of this process instead of our own (e.g. the running daemon).
         #[arg(long)]
@@ -74,10 +75,10 @@ enum TuningCommand {
         #[arg(long)]
         max_connections: Option<u64>,
         /// Kernel bytes per idle connection.
-        #[arg(long, default_value_t = presenced::tuning::DEFAULT_PER_CONN_KERNEL_BYTES)]
+        #[arg(long, default_value_t = presenced::ops::tuning::DEFAULT_PER_CONN_KERNEL_BYTES)]
         kernel_bytes_per_conn: u64,
         /// Daemon (user-space) bytes per idle connection.
-        #[arg(long, default_value_t = presenced::tuning::DEFAULT_PER_CONN_USER_BYTES)]
+        #[arg(long, default_value_t = presenced::ops::tuning::DEFAULT_PER_CONN_USER_BYTES)]
         user_bytes_per_conn: u64,
     },
 }
@@ -141,7 +142,7 @@ fn main() -> anyhow::Result<()> {
                     user_bytes_per_conn,
                 },
         } => {
-            use presenced::tuning;
+            use presenced::ops::tuning;
             let profile: tuning::Profile = match profile.parse() {
                 Ok(p) => p,
                 Err(e) => {
@@ -168,7 +169,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Token { fleet_key, id } => {
-            presenced::protocol::validate_id(id.as_bytes())
+            presence_proto::validate_id(id.as_bytes())
                 .with_context(|| format!("agent id `{id}`"))?;
             let key = FleetKey::load(&fleet_key)?;
             println!("{}", hex::encode(key.token(id.as_bytes())));
@@ -207,11 +208,11 @@ fn serve(path: &Path, upgrade_fd: Option<i32>) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, flag.clone())
             .with_context(|| format!("installing the handler for signal {sig}"))?;
     }
-    if let Some(w) = presenced::tuning::host_capacity_warning(
-        Path::new(presenced::tuning::DEFAULT_PROC_ROOT),
+    if let Some(w) = presenced::ops::tuning::host_capacity_warning(
+        Path::new(presenced::ops::tuning::DEFAULT_PROC_ROOT),
         config.server.max_connections,
-        presenced::tuning::DEFAULT_PER_CONN_USER_BYTES,
-        presenced::tuning::DEFAULT_PER_CONN_KERNEL_BYTES,
+        presenced::ops::tuning::DEFAULT_PER_CONN_USER_BYTES,
+        presenced::ops::tuning::DEFAULT_PER_CONN_KERNEL_BYTES,
     ) {
         tracing::warn!("{w}");
     }
@@ -235,7 +236,7 @@ fn take_over(
     shutdown: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
 ) -> anyhow::Result<server::Prepared> {
-    use presenced::handoff::{DaemonTarget, STEP_TIMEOUT};
+    use presenced::control::upgrade::{DaemonTarget, STEP_TIMEOUT};
     let mut target = DaemonTarget::new(config.clone());
     let outcome = presenced::upgrade::machine::run_target(sock, &mut target, STEP_TIMEOUT)
         .context("taking over from the running daemon")?;

@@ -38,7 +38,7 @@ fn dev_init_writes_the_contract_files_and_token_matches_hmac() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let token = String::from_utf8(o.stdout).unwrap();
-    let expected = presenced::auth::FleetKey::parse(&key)
+    let expected = presence_proto::FleetKey::parse(&key)
         .unwrap()
         .token(b"agent-7");
     assert_eq!(token.trim(), hex::encode(expected));

@@ -57,12 +57,12 @@ fn assert_fresh(bin: &Path) {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    // A binary depends on its own crate's sources (bench's on the daemon's too).
+    // A binary depends on its own crate's sources and the protocol crate's.
     let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let sources: &[&str] = if name.starts_with("presence-") {
-        &["daemon/src", "bench/src"]
+        &["proto/src", "bench/src"]
     } else {
-        &["daemon/src"]
+        &["proto/src", "daemon/src"]
     };
     for src in sources {
         if let Some(t) = newest(&root.join(src)) {

@@ -446,7 +446,7 @@ mod tests {
             for n in [1, 2, 3, 7, 64, 128] {
                 assert_eq!(
                     owner_shard(id.as_bytes(), n),
-                    crate::presence::owner_shard(id.as_bytes(), n),
+                    crate::presence::table::owner_shard(id.as_bytes(), n),
                     "{id:?} % {n}"
                 );
             }

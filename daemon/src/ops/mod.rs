@@ -1,0 +1,5 @@
+//! Operator tools that live in the daemon binary: `tuning check` and
+//! `dev-init`.
+
+pub mod devinit;
+pub mod tuning;

@@ -1,0 +1,369 @@
+//! Starting the shards: pre-bind one SO_REUSEPORT listener per shard (the
+//! first picks the port when the config says 0), then run one pinned glommio
+//! executor per shard until the shutdown flag is raised.
+//!
+//! Like mini-redis's `run(listener, shutdown)`, [`run`] takes listeners that
+//! are already bound, so tests and a future upgrade path can hand them in.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+use tracing::info;
+
+use crate::config::Config;
+use crate::shard;
+use crate::shared::Runtime;
+use presence_proto::FleetKey;
+
+/// Messages a shard may queue towards one peer before the sender waits.
+const MESH_CHANNEL_SIZE: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+    #[error("shard {shard} panicked")]
+    ShardPanicked { shard: usize },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::config::TlsError),
+    #[error(transparent)]
+    Auth(#[from] presence_proto::FleetKeyError),
+    #[error(transparent)]
+    Control(#[from] crate::control::socket::ControlError),
+    #[error("session ticket keys: {0}")]
+    Tickets(String),
+}
+
+/// Bind `count` listening sockets to `addr` with SO_REUSEPORT. With port 0,
+/// the first socket picks the port and the others join it.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> Result<(Vec<OwnedFd>, SocketAddr), ServerError> {
+    let mut out = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let err = |source| ServerError::Bind {
+            addr: bound,
+            source,
+        };
+        let sock = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(err)?;
+        sock.set_reuse_address(true).map_err(err)?;
+        sock.set_reuse_port(true).map_err(err)?;
+        sock.set_cloexec(true).map_err(err)?;
+        sock.bind(&bound.into()).map_err(err)?;
+        sock.listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(err)?;
+        if bound.port() == 0 {
+            bound = sock
+                .local_addr()
+                .map_err(err)?
+                .as_socket()
+                .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
+        }
+        out.push(OwnedFd::from(sock));
+    }
+    Ok((out, bound))
+}
+
+/// The CPUs this process may run on (its affinity mask, which honours
+/// cpusets and `taskset`), in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|c| set.is_set(*c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Everything `serve` needs, loaded and checked before any thread starts.
+pub struct Prepared {
+    pub runtime: Arc<Runtime>,
+    pub listeners: Vec<OwnedFd>,
+    pub control: std::os::unix::net::UnixListener,
+    /// Per shard: what a live upgrade handed over (empty on a fresh start).
+    pub adopted: Vec<shard::Adopted>,
+}
+
+/// Load TLS material and the fleet key, bind listeners and check the control socket path.
+pub fn prepare(
+    config: Config,
+    config_path: &std::path::Path,
+    shutdown: Arc<AtomicBool>,
+    reload_requested: Arc<AtomicBool>,
+) -> Result<Prepared, ServerError> {
+    let material = Material::load(&config)?;
+    let shards = config.shard_count();
+    let (listeners, listen) = bind_listeners(config.server.listen, shards, config.server.backlog)?;
+    let control = crate::control::socket::bind(
+        &config.server.control_socket,
+        config.server.control_group.as_deref(),
+    )?;
+    assemble(
+        config,
+        config_path,
+        shutdown,
+        reload_requested,
+        material,
+        listeners,
+        listen,
+        control,
+        Vec::new(),
+    )
+}
+
+/// TLS configuration, session ticket keys and fleet key, loaded and checked.
+pub struct Material {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub fleet_key: FleetKey,
+    pub ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
+}
+
+impl Material {
+    pub fn load(config: &Config) -> Result<Self, ServerError> {
+        Self::load_with_tickets(config, None)
+    }
+
+    /// With ticket keys handed over by a live upgrade (else from the state dir).
+    pub fn load_with_tickets(
+        config: &Config,
+        handed: Option<crate::tls::tickets::TicketKeys>,
+    ) -> Result<Self, ServerError> {
+        let ticketer = open_ticketer(&config.state.dir, handed)?;
+        Ok(Self {
+            tls: crate::tls::config::server_config(&config.tls.cert, &config.tls.key, &ticketer)?,
+            fleet_key: FleetKey::load(&config.auth.fleet_key)?,
+            ticketer,
+        })
+    }
+}
+
+/// Session ticket keys: handed over, else from `<state dir>/tickets.keys`
+/// (created, or replaced when unusable), else in memory only (logged).
+fn open_ticketer(
+    dir: &std::path::Path,
+    handed: Option<crate::tls::tickets::TicketKeys>,
+) -> Result<Arc<crate::tls::tickets::PersistentTicketer>, ServerError> {
+    use crate::tls::tickets::{PersistentTicketer, TicketKeys};
+    if let Err(e) = crate::store::shard_store::ensure_state_dir(dir) {
+        tracing::warn!("state directory {}: {e}", dir.display());
+    }
+    if let Some(keys) = handed {
+        match PersistentTicketer::new(keys, Some(dir.to_owned())) {
+            Ok(t) => {
+                if let Err(e) = t.save() {
+                    tracing::warn!("saving handed-over ticket keys: {e}");
+                }
+                return Ok(Arc::new(t));
+            }
+            Err(e) => tracing::warn!("handed-over ticket keys unusable: {e}"),
+        }
+    }
+    match PersistentTicketer::open(dir) {
+        Ok((t, note)) => {
+            info!("session ticket keys: {note}");
+            Ok(t)
+        }
+        Err(e) => {
+            tracing::warn!("session ticket keys: {e}; keeping them in memory only");
+            let keys = TicketKeys::generate(std::time::SystemTime::now())
+                .map_err(|e| ServerError::Tickets(e.to_string()))?;
+            PersistentTicketer::new(keys, None)
+                .map(Arc::new)
+                .map_err(|e| ServerError::Tickets(e.to_string()))
+        }
+    }
+}
+
+/// Rotate ticket keys when due (saving fsyncs: not on a shard).
+fn spawn_ticket_rotation(rt: Arc<Runtime>) {
+    let spawned = std::thread::Builder::new()
+        .name("ticket-rotation".into())
+        .spawn(move || loop {
+            for _ in 0..60 {
+                if rt.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let now = std::time::SystemTime::now();
+            if rt.ticketer.next_due() <= now {
+                match rt.ticketer.rotate_if_due(now) {
+                    Ok(true) => info!("session ticket keys rotated"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("rotating session ticket keys: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start ticket key rotation: {e}");
+    }
+}
+
+/// Put together what `run` needs from parts already loaded and bound (a
+/// live upgrade hands over listeners and state).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble(
+    config: Config,
+    config_path: &std::path::Path,
+    shutdown: Arc<AtomicBool>,
+    reload_requested: Arc<AtomicBool>,
+    material: Material,
+    listeners: Vec<OwnedFd>,
+    listen: SocketAddr,
+    control: std::os::unix::net::UnixListener,
+    adopted: Vec<shard::Adopted>,
+) -> Result<Prepared, ServerError> {
+    let Material {
+        tls,
+        fleet_key,
+        ticketer,
+    } = material;
+    let mut runtime = Runtime::new(
+        config,
+        tls,
+        fleet_key,
+        ticketer,
+        listen,
+        shutdown,
+        reload_requested,
+    );
+    runtime.config_path =
+        std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    Ok(Prepared {
+        runtime: Arc::new(runtime),
+        listeners,
+        control,
+        adopted,
+    })
+}
+
+/// The address a listening descriptor is bound to.
+pub fn bound_addr(fd: &OwnedFd) -> Option<SocketAddr> {
+    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
+}
+
+/// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
+pub fn run(prepared: Prepared) -> Result<(), ServerError> {
+    let Prepared {
+        runtime,
+        listeners,
+        control,
+        adopted,
+    } = prepared;
+    let control_ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&runtime.config.server.control_socket)
+            .ok()
+            .map(|m| m.ino())
+    };
+    let mut control = Some(control);
+    let took_over = adopted
+        .iter()
+        .any(|a| !a.conns.is_empty() || !a.records.is_empty() || a.events.is_some());
+    let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
+    spawn_ticket_rotation(runtime.clone());
+    // kTLS: detected once; the userspace record layer serves either way
+    // (the kernel hand-off is not implemented; see lean::ktls).
+    let support = crate::tls::ktls::detect();
+    let layer = match (&support, crate::tls::ktls::record_path(&support)) {
+        (_, crate::tls::ktls::RecordPath::Kernel) => "kernel".to_owned(),
+        (crate::tls::ktls::KtlsSupport::Available, _) => {
+            "userspace (kTLS available; kernel hand-off not implemented)".to_owned()
+        }
+        (crate::tls::ktls::KtlsSupport::Unsupported(e), _) => {
+            format!("userspace (kTLS unavailable: {e})")
+        }
+    };
+    info!(record_layer = %layer, "TLS record layer");
+    *runtime
+        .record_layer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = layer;
+    runtime.set_listener_fds(
+        listeners
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect(),
+    );
+    let shards = listeners.len();
+    let cpus = allowed_cpus();
+    *runtime
+        .startup_cpus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = cpus.clone();
+    info!(listen = %runtime.listen, shards, "presenced listening");
+    if let Some(addr) = runtime.config.metrics.listen {
+        let spawned =
+            crate::control::http::spawn(addr, runtime.config.server.control_socket.clone());
+        match spawned {
+            Ok(()) => {}
+            // After a committed hand-over this process is the only one left
+            // serving agents: nothing optional may stop it now.
+            Err(e) if took_over => tracing::warn!("metrics endpoint not started: {e}"),
+            Err(source) => return Err(ServerError::Bind { addr, source }),
+        }
+    }
+    let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
+    let mut handles = Vec::with_capacity(shards);
+    for (id, fd) in listeners.into_iter().enumerate() {
+        let placement = if runtime.config.server.pin_cpus && !cpus.is_empty() {
+            Placement::Fixed(cpus[id % cpus.len()])
+        } else {
+            Placement::Unbound
+        };
+        let rt = runtime.clone();
+        let mesh = mesh.clone();
+        let adoption = adopted
+            .get_mut(id)
+            .and_then(Option::take)
+            .unwrap_or_default();
+        let control = if id == shard::EVENT_SHARD {
+            control.take()
+        } else {
+            None
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .io_memory(runtime.config.server.io_memory_kib * 1024)
+            .spawn(move || shard::run(id, rt, mesh, fd, control, adoption))
+            .map_err(|e| ServerError::Executor {
+                shard: id,
+                reason: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    let mut result = Ok(());
+    for (id, h) in handles.into_iter().enumerate() {
+        if h.join().is_err() && result.is_ok() {
+            result = Err(ServerError::ShardPanicked { shard: id });
+        }
+    }
+    // After a hand-over the path is the new process's: never remove it (its
+    // file may even have our old inode number, reused by the filesystem).
+    if !runtime
+        .handed_over
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        crate::control::socket::remove_if_ours(&runtime.config.server.control_socket, control_ino);
+    }
+    result
+}

@@ -1,0 +1,172 @@
+//! What every shard reads and nobody mutates on the hot path: the config,
+//! the TLS server configuration, the fleet key, the bound address and the
+//! shutdown flag.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::ServerConfig;
+
+use crate::config::Config;
+use presence_proto::FleetKey;
+
+pub struct Runtime {
+    pub config: Config,
+    /// The config file this process runs with (an upgrade reuses it).
+    pub config_path: std::path::PathBuf,
+    /// The binary this process was started from (default upgrade target).
+    pub binary: std::path::PathBuf,
+    /// The shards' listening descriptors (for a live hand-over).
+    listener_fds: Mutex<Vec<i32>>,
+    /// The TLS record layer in use, and why ("userspace: kTLS unavailable: ...").
+    pub record_layer: Mutex<String>,
+    /// CPUs the process could use at start (before shards pinned threads):
+    /// a new binary started by an upgrade gets the same.
+    pub startup_cpus: Mutex<Vec<usize>>,
+    tls: RwLock<Arc<ServerConfig>>,
+    fleet_key: RwLock<FleetKey>,
+    /// Session ticket keys (persisted, rotated, handed over on upgrade).
+    pub ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
+    /// The address actually bound (port 0 resolved).
+    pub listen: SocketAddr,
+    pub shutdown: Arc<AtomicBool>,
+    /// A live upgrade committed: the control socket path belongs to the new
+    /// process now, whatever the file there looks like.
+    pub handed_over: AtomicBool,
+    /// Raised by SIGHUP; the event shard reloads and lowers it.
+    pub reload_requested: Arc<AtomicBool>,
+    pub started: Instant,
+    shards_ready: AtomicUsize,
+    reload: Mutex<ReloadStatus>,
+}
+
+/// Outcome of the reloads so far, reported by `stats`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub reloads_total: u64,
+    pub reload_failures_total: u64,
+    pub last_reload_ms: Option<u64>,
+    /// Why the last reload failed (None when it succeeded or none happened).
+    pub last_reload_error: Option<String>,
+}
+
+impl Runtime {
+    pub fn new(
+        config: Config,
+        tls: Arc<ServerConfig>,
+        fleet_key: FleetKey,
+        ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
+        listen: SocketAddr,
+        shutdown: Arc<AtomicBool>,
+        reload_requested: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            config,
+            config_path: std::path::PathBuf::new(),
+            binary: std::env::current_exe().unwrap_or_default(),
+            listener_fds: Mutex::new(Vec::new()),
+            startup_cpus: Mutex::new(Vec::new()),
+            record_layer: Mutex::new(String::new()),
+            tls: RwLock::new(tls),
+            fleet_key: RwLock::new(fleet_key),
+            ticketer,
+            listen,
+            shutdown,
+            reload_requested,
+            handed_over: AtomicBool::new(false),
+            started: Instant::now(),
+            shards_ready: AtomicUsize::new(0),
+            reload: Mutex::new(ReloadStatus::default()),
+        }
+    }
+
+    /// Check an agent's HELLO token against the current fleet key.
+    pub fn verify_token(&self, id: &[u8], token: &[u8; presence_proto::TOKEN_LEN]) -> bool {
+        match self.fleet_key.read() {
+            Ok(k) => k.verify(id, token),
+            Err(poisoned) => poisoned.into_inner().verify(id, token),
+        }
+    }
+
+    /// Reload the certificate, key and fleet key from the configured paths.
+    /// Everything is loaded and validated first; on any error nothing
+    /// changes and the old material stays in service. Established
+    /// connections are never touched.
+    pub fn reload(&self) -> Result<(), String> {
+        let result: Result<(), String> = (|| {
+            let c = &self.config;
+            let tls = crate::tls::config::server_config(&c.tls.cert, &c.tls.key, &self.ticketer)
+                .map_err(|e| e.to_string())?;
+            let key = FleetKey::load(&c.auth.fleet_key).map_err(|e| e.to_string())?;
+            self.set_tls(tls);
+            match self.fleet_key.write() {
+                Ok(mut g) => *g = key,
+                Err(poisoned) => *poisoned.into_inner() = key,
+            }
+            Ok(())
+        })();
+        let mut st = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        st.reloads_total += 1;
+        st.last_reload_ms = Some(wall_ms());
+        match &result {
+            Ok(()) => st.last_reload_error = None,
+            Err(e) => {
+                st.reload_failures_total += 1;
+                st.last_reload_error = Some(e.clone());
+            }
+        }
+        result
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The TLS configuration new handshakes use. Read once per handshake.
+    pub fn tls(&self) -> Arc<ServerConfig> {
+        match self.tls.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swap the TLS configuration for new handshakes; established connections keep theirs.
+    pub fn set_tls(&self, tls: Arc<ServerConfig>) {
+        match self.tls.write() {
+            Ok(mut g) => *g = tls,
+            Err(poisoned) => *poisoned.into_inner() = tls,
+        }
+    }
+
+    pub fn set_listener_fds(&self, fds: Vec<i32>) {
+        *self.listener_fds.lock().unwrap_or_else(|p| p.into_inner()) = fds;
+    }
+
+    pub fn listener_fds(&self) -> Vec<i32> {
+        self.listener_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn shard_ready(&self) {
+        self.shards_ready.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn shards_ready(&self) -> usize {
+        self.shards_ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
