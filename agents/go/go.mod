@@ -1,0 +1,3 @@
+module presenced.dev/agent
+
+go 1.19
