@@ -1,5 +1,5 @@
 //! Shared conformance vectors in `proto/testdata/*.json`, checked against
-//! the Rust codec (`presenced::protocol`) and token code (`presenced::auth`).
+//! the Rust codec (`presence_proto::frame`) and token code (`presence_proto::token`).
 //!
 //! Agents in other languages (`agents/go`) test their codecs against the same
 //! files. The format is described in `proto/testdata/README.md`.
@@ -11,20 +11,20 @@
 //!    equal the committed JSON, so nothing was dropped or hand-edited.
 //!
 //! After changing the protocol or the definitions, regenerate with
-//! `PRESENCED_WRITE_VECTORS=1 cargo test -p presenced-tests --test vectors`
+//! `PRESENCED_WRITE_VECTORS=1 cargo test -p presence-proto --test vectors`
 //! and commit the files.
 
 use std::path::{Path, PathBuf};
 
-use presenced::auth::FleetKey;
-use presenced::protocol::{
-    self, ErrorCode, Frame, FrameDecoder, ProtocolError, ALPN, HEADER_LEN, MAX_ERROR_MESSAGE,
-    MAX_ID_LEN, MAX_PAYLOAD, TOKEN_LEN, VERSION,
+use presence_proto::FleetKey;
+use presence_proto::{
+    self as protocol, ErrorCode, Frame, FrameDecoder, ProtocolError, ALPN, HEADER_LEN,
+    MAX_ERROR_MESSAGE, MAX_ID_LEN, MAX_PAYLOAD, TOKEN_LEN, VERSION,
 };
 use serde_json::{json, Value};
 
 fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/testdata")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -549,7 +549,7 @@ fn frames_file() -> Value {
         })
         .collect();
     json!({
-        "about": "Wire protocol v1 frames (docs/protocol.md). Generated and checked by tests/vectors.rs with presenced::protocol; format in proto/testdata/README.md.",
+        "about": "Wire protocol v1 frames (docs/protocol.md). Generated and checked by proto/tests/vectors.rs with presence_proto; format in proto/testdata/README.md.",
         "constants": {
             "version": VERSION,
             "alpn": String::from_utf8(ALPN.to_vec()).expect("ASCII"),
@@ -647,7 +647,7 @@ fn tokens_file() -> Value {
         })
         .collect();
     json!({
-        "about": "Agent tokens: HMAC-SHA256(fleet_key, agent id) (docs/protocol.md section 3), and the fleet key file format. Generated and checked by tests/vectors.rs with presenced::auth; format in proto/testdata/README.md.",
+        "about": "Agent tokens: HMAC-SHA256(fleet_key, agent id) (docs/protocol.md section 3), and the fleet key file format. Generated and checked by proto/tests/vectors.rs with presence_proto::token; format in proto/testdata/README.md.",
         "tokens": tokens,
         "fleet_key_files": files,
     })
@@ -659,7 +659,7 @@ fn error_codes_file() -> Value {
         .map(|c| json!({"code": *c as u16, "name": c.name()}))
         .collect();
     json!({
-        "about": "ERROR frame codes (docs/protocol.md 4.7). Generated and checked by tests/vectors.rs with presenced::protocol::ErrorCode; format in proto/testdata/README.md.",
+        "about": "ERROR frame codes (docs/protocol.md 4.7). Generated and checked by proto/tests/vectors.rs with presence_proto::ErrorCode; format in proto/testdata/README.md.",
         "codes": codes,
     })
 }
@@ -778,7 +778,7 @@ fn committed(name: &str, generated: Value) -> Value {
             file.get(key),
             Some(want),
             "{}: `{key}` differs from what the Rust code generates; regenerate with \
-             PRESENCED_WRITE_VECTORS=1 cargo test -p presenced-tests --test vectors",
+             PRESENCED_WRITE_VECTORS=1 cargo test -p presence-proto --test vectors",
             path.display()
         );
     }
