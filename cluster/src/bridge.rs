@@ -751,6 +751,7 @@ fn events_stream_config(cfg: &ClusterConfig) -> stream::Config {
     stream::Config {
         name: EVENTS_STREAM.to_string(),
         subjects: vec![format!("{EVENTS_SUBJECT_PREFIX}>")],
+        max_messages_per_subject: -1,
         max_age: cfg.events_max_age,
         storage: stream::StorageType::File,
         num_replicas: cfg.replicas,
@@ -1432,6 +1433,12 @@ async fn setup_objects(
     shared: &Arc<Shared>,
     client: &async_nats::Client,
 ) -> Result<Arc<Ctx>, ClusterError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while client.connection_state() != async_nats::connection::State::Connected
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if client.connection_state() != async_nats::connection::State::Connected {
         return Err(ClusterError::Nats {
             context: "connect",
