@@ -120,8 +120,15 @@ impl Inspector {
         Self { rt, js }
     }
 
+    /// The bucket, retried for up to 10 s (the server may be restarting).
     async fn kv(&self) -> Option<kv::Store> {
-        self.js.get_key_value("PRESENCE").await.ok()
+        for _ in 0..100 {
+            if let Ok(kv) = self.js.get_key_value("PRESENCE").await {
+                return Some(kv);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     pub fn get(&self, id: &[u8]) -> Option<PresenceValue> {
@@ -157,7 +164,15 @@ impl Inspector {
     /// sequence, read until nothing is pending): (stream seq, message).
     pub fn events_from(&self, from: u64) -> Vec<(u64, EventMessage, String)> {
         self.rt.block_on(async {
-            let Ok(stream) = self.js.get_stream("PRESENCE_EVENTS").await else {
+            let mut stream = None;
+            for _ in 0..100 {
+                if let Ok(s) = self.js.get_stream("PRESENCE_EVENTS").await {
+                    stream = Some(s);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let Some(stream) = stream else {
                 return Vec::new();
             };
             let c = stream
