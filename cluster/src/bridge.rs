@@ -474,8 +474,6 @@ fn event_pub(enc: &str, id: &[u8], seq: u64, d: &EventDraft) -> EventPub {
 
 pub(crate) struct Ctx {
     js: jetstream::Context,
-    presence: jetstream::kv::Store,
-    nodes: jetstream::kv::Store,
     presence_stream: stream::Stream,
     nodes_stream: stream::Stream,
     shared: Arc<Shared>,
@@ -515,17 +513,45 @@ impl Ctx {
         }
     }
 
-    async fn read(&self, enc: &str) -> Result<Option<Stored>, OpError> {
-        let entry = tokio::time::timeout(JS_TIMEOUT, self.presence.entry(enc))
+    /// The latest value of a key, read at the stream leader
+    /// (`STREAM.MSG.GET`, not a direct get from any replica), so it reflects
+    /// every acknowledged write. Deleted/purged keys read as absent.
+    async fn leader_get(
+        &self,
+        st: &stream::Stream,
+        subject: String,
+    ) -> Result<Option<(Bytes, u64)>, OpError> {
+        use jetstream::stream::LastRawMessageErrorKind as K;
+        let got = tokio::time::timeout(JS_TIMEOUT, st.get_last_raw_message_by_subject(&subject))
             .await
-            .map_err(|_| OpError::Other("kv get: timed out".into()))?
-            .map_err(|e| OpError::Other(format!("kv get: {e}")))?;
-        Ok(entry.and_then(|e| {
-            if e.operation != jetstream::kv::Operation::Put {
-                return None;
+            .map_err(|_| OpError::Other("kv get: timed out".into()))?;
+        match got {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|v| v.as_str() == "DEL" || v.as_str() == "PURGE");
+                Ok((!deleted).then_some((m.payload, m.sequence)))
             }
-            Some(stored_from(e.value, e.revision))
-        }))
+            Err(e) if e.kind() == K::NoMessageFound => Ok(None),
+            Err(e) => Err(OpError::Other(format!("kv get: {e}"))),
+        }
+    }
+
+    async fn read(&self, enc: &str) -> Result<Option<Stored>, OpError> {
+        let got = self
+            .leader_get(
+                &self.presence_stream,
+                format!("$KV.{PRESENCE_BUCKET}.{enc}"),
+            )
+            .await?;
+        Ok(got.map(|(raw, rev)| stored_from(raw, rev)))
+    }
+
+    async fn node_entry(&self, key: &str) -> Result<Option<(Bytes, u64)>, String> {
+        self.leader_get(&self.nodes_stream, format!("$KV.{NODES_BUCKET}.{key}"))
+            .await
+            .map_err(|e| format!("{NODES_BUCKET} {key}: {e:?}"))
     }
 }
 
@@ -1464,12 +1490,13 @@ async fn setup_objects(
         context: "key-value bucket",
         message: e.to_string(),
     };
-    let presence = js.get_key_value(PRESENCE_BUCKET).await.map_err(|e| kv(&e))?;
-    let nodes = js.get_key_value(NODES_BUCKET).await.map_err(|e| kv(&e))?;
+    // Both are valid KV buckets for every KV client (the streams are made
+    // here because async-nats' create_key_value() cannot parse the account
+    // info of nats-server 2.9.10).
+    js.get_key_value(PRESENCE_BUCKET).await.map_err(|e| kv(&e))?;
+    js.get_key_value(NODES_BUCKET).await.map_err(|e| kv(&e))?;
     Ok(Arc::new(Ctx {
         js,
-        presence,
-        nodes,
         presence_stream,
         nodes_stream,
         shared: shared.clone(),
@@ -1587,17 +1614,13 @@ async fn sweep(
         let claim_rev = match ctx.publish(claim_subject.clone(), h, claim.clone()).await {
             Ok(rev) => rev,
             Err(OpError::Conflict) => {
-                let entry = ctx
-                    .nodes
-                    .entry(claim_key.clone())
-                    .await
-                    .map_err(|e| format!("sweep claim read: {e}"))?;
-                let Some(entry) = entry else { continue };
-                let Ok(c) = serde_json::from_slice::<Claim>(&entry.value) else {
+                let entry = ctx.node_entry(&claim_key).await?;
+                let Some((value, revision)) = entry else { continue };
+                let Ok(c) = serde_json::from_slice::<Claim>(&value) else {
                     continue;
                 };
                 if c.claimer == me {
-                    entry.revision
+                    revision
                 } else if alive.contains(&c.claimer)
                     || now_ms().saturating_sub(c.ts_ms)
                         < ctx.cfg.node_lost_after.as_millis() as u64
@@ -1605,10 +1628,7 @@ async fn sweep(
                     continue; // another node is on it
                 } else {
                     // The claimer died mid-sweep: take the claim over.
-                    let h = headers(
-                        &format!("{claim_key}:{me}:{}", entry.revision),
-                        Some(entry.revision),
-                    );
+                    let h = headers(&format!("{claim_key}:{me}:{revision}"), Some(revision));
                     match ctx.publish(claim_subject.clone(), h, claim.clone()).await {
                         Ok(rev) => rev,
                         Err(OpError::Conflict) => continue,
@@ -1619,12 +1639,8 @@ async fn sweep(
             Err(OpError::Other(e)) => return Err(format!("sweep claim: {e}")),
         };
         // Still lost (not refreshed since it was judged lost)?
-        let current = ctx
-            .nodes
-            .entry(node.enc.clone())
-            .await
-            .map_err(|e| format!("sweep node read: {e}"))?;
-        if current.as_ref().map(|e| e.revision) != Some(node.revision) {
+        let current = ctx.node_entry(&node.enc).await?;
+        if current.as_ref().map(|e| e.1) != Some(node.revision) {
             release(&ctx, &claim_subject, claim_rev).await;
             continue;
         }

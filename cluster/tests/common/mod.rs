@@ -148,13 +148,19 @@ impl Inspector {
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
                 let key = presence_cluster::encode_id(id);
-                let v = kv
-                    .get(key)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|v| serde_json::from_slice(&v).ok());
-                out.push(v);
+                let mut tries = 0;
+                let v = loop {
+                    match kv.get(key.clone()).await {
+                        Ok(v) => break v,
+                        Err(e) if tries < 50 => {
+                            tries += 1;
+                            eprintln!("inspector: get {key}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("inspector: get {key}: {e}"),
+                    }
+                };
+                out.push(v.and_then(|v| serde_json::from_slice(&v).ok()));
             }
             out
         })
@@ -175,15 +181,26 @@ impl Inspector {
             let Some(stream) = stream else {
                 return Vec::new();
             };
-            let c = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: from.max(1),
-                    },
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let mut tries = 0;
+            let c = loop {
+                let made = stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: from.max(1),
+                        },
+                        ..Default::default()
+                    })
+                    .await;
+                match made {
+                    Ok(c) => break c,
+                    Err(e) if tries < 20 => {
+                        tries += 1;
+                        eprintln!("inspector: consumer: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => panic!("inspector: consumer: {e}"),
+                }
+            };
             let mut out = Vec::new();
             if c.cached_info().num_pending == 0 {
                 return out;
