@@ -491,7 +491,10 @@ fn headers(msg_id: &str, expected: Option<u64>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", msg_id);
     if let Some(e) = expected {
-        h.insert("Nats-Expected-Last-Subject-Sequence", e.to_string().as_str());
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            e.to_string().as_str(),
+        );
     }
     h
 }
@@ -1230,9 +1233,8 @@ impl Bridge {
                             if let Some(ctx) = self.ctx.clone() {
                                 self.sweep_running = true;
                                 let hooks = self.hooks.clone();
-                                self.tasks.push(
-                                    sweep(ctx, hooks, lost, alive).map(Done::Sweep).boxed(),
-                                );
+                                self.tasks
+                                    .push(sweep(ctx, hooks, lost, alive).map(Done::Sweep).boxed());
                             }
                         }
                     }
@@ -1268,7 +1270,10 @@ impl Bridge {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
         {
             self.err_logged = Some(now);
-            tracing::warn!(backlog = self.slots.len(), "cluster: NATS operation failed (agents are not affected; retrying): {error}");
+            tracing::warn!(
+                backlog = self.slots.len(),
+                "cluster: NATS operation failed (agents are not affected; retrying): {error}"
+            );
         }
     }
 
@@ -1493,7 +1498,9 @@ async fn setup_objects(
     // Both are valid KV buckets for every KV client (the streams are made
     // here because async-nats' create_key_value() cannot parse the account
     // info of nats-server 2.9.10).
-    js.get_key_value(PRESENCE_BUCKET).await.map_err(|e| kv(&e))?;
+    js.get_key_value(PRESENCE_BUCKET)
+        .await
+        .map_err(|e| kv(&e))?;
     js.get_key_value(NODES_BUCKET).await.map_err(|e| kv(&e))?;
     Ok(Arc::new(Ctx {
         js,
@@ -1615,15 +1622,16 @@ async fn sweep(
             Ok(rev) => rev,
             Err(OpError::Conflict) => {
                 let entry = ctx.node_entry(&claim_key).await?;
-                let Some((value, revision)) = entry else { continue };
+                let Some((value, revision)) = entry else {
+                    continue;
+                };
                 let Ok(c) = serde_json::from_slice::<Claim>(&value) else {
                     continue;
                 };
                 if c.claimer == me {
                     revision
                 } else if alive.contains(&c.claimer)
-                    || now_ms().saturating_sub(c.ts_ms)
-                        < ctx.cfg.node_lost_after.as_millis() as u64
+                    || now_ms().saturating_sub(c.ts_ms) < ctx.cfg.node_lost_after.as_millis() as u64
                 {
                     continue; // another node is on it
                 } else {
@@ -1651,8 +1659,7 @@ async fn sweep(
             let Some(session) = st.session.clone() else {
                 continue;
             };
-            if st.value.is_online() && session.node == node.node_id && session.epoch <= node.epoch
-            {
+            if st.value.is_online() && session.node == node.node_id && session.epoch <= node.epoch {
                 if let Ok(id) = decode_id(&enc) {
                     victims.push((enc, id, session));
                 }
@@ -1669,23 +1676,24 @@ async fn sweep(
         tracing::warn!(node = %node.node_id, epoch = node.epoch, agents = ids.len(), "cluster: node lost; sweeping its agents offline (node_lost)");
         let before = sh.events.load(Ordering::Relaxed);
         let ts = now_ms();
-        let results: Vec<OpOutcome> = futures::stream::iter(victims.into_iter().map(|(enc, id, session)| {
-            drive(
-                ctx.clone(),
-                enc,
-                id,
-                Intent::Offline {
-                    session,
-                    reason: REASON_NODE_LOST.into(),
-                    ts_ms: ts,
-                },
-                None,
-                true,
-            )
-        }))
-        .buffer_unordered(32)
-        .collect()
-        .await;
+        let results: Vec<OpOutcome> =
+            futures::stream::iter(victims.into_iter().map(|(enc, id, session)| {
+                drive(
+                    ctx.clone(),
+                    enc,
+                    id,
+                    Intent::Offline {
+                        session,
+                        reason: REASON_NODE_LOST.into(),
+                        ts_ms: ts,
+                    },
+                    None,
+                    true,
+                )
+            }))
+            .buffer_unordered(32)
+            .collect()
+            .await;
         let swept = sh.events.load(Ordering::Relaxed).saturating_sub(before);
         sh.node_lost_swept.fetch_add(swept, Ordering::Relaxed);
         if let Some(OpOutcome::Failed { error, .. }) = results
@@ -1716,4 +1724,121 @@ async fn release(ctx: &Ctx, subject: &str, rev: u64) {
     h.insert("KV-Operation", "PURGE");
     h.insert("Nats-Rollup", "sub");
     let _ = ctx.publish(subject.to_string(), h, Bytes::new()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ms: u64, node: &str) -> SessionId {
+        SessionId::new(ms, node, 1, 0)
+    }
+
+    fn stored(state: &str, session: &SessionId, reason: &str, rev: u64) -> Stored {
+        let v = PresenceValue {
+            state: state.into(),
+            since_ms: 5,
+            node: session.node.clone(),
+            session: session.to_string(),
+            reason: reason.into(),
+        };
+        stored_from(Bytes::from(serde_json::to_vec(&v).unwrap()), rev)
+    }
+
+    fn on(session: &SessionId) -> Intent {
+        Intent::Online {
+            session: session.clone(),
+            ts_ms: 100,
+        }
+    }
+
+    fn off(session: &SessionId) -> Intent {
+        Intent::Offline {
+            session: session.clone(),
+            reason: "bye".into(),
+            ts_ms: 200,
+        }
+    }
+
+    fn write(d: Decision) -> KvWrite {
+        match d {
+            Decision::Write(w) => w,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn online_from_absent_or_offline_is_an_event() {
+        let w = write(decide("k", &on(&s(10, "a")), None));
+        assert_eq!(w.expected, 0);
+        assert_eq!(w.event.as_ref().unwrap().state, ONLINE);
+        let st = stored("offline", &s(5, "b"), "bye", 7);
+        let w = write(decide("k", &on(&s(10, "a")), Some(&st)));
+        assert_eq!(w.expected, 7);
+        assert!(w.event.is_some());
+        assert_eq!(w.msg_id, format!("k:7:{}:online", s(10, "a")));
+    }
+
+    #[test]
+    fn newer_session_over_online_is_a_silent_move() {
+        let st = stored("online", &s(5, "b"), "hello", 7);
+        let w = write(decide("k", &on(&s(10, "a")), Some(&st)));
+        assert!(w.event.is_none());
+        let v: PresenceValue = serde_json::from_slice(&w.payload).unwrap();
+        assert_eq!(v.since_ms, 5, "a move keeps since_ms");
+        assert_eq!(v.node, "a");
+    }
+
+    #[test]
+    fn stale_and_repeated_onlines_write_nothing() {
+        let st = stored("online", &s(10, "b"), "hello", 7);
+        assert!(matches!(
+            decide("k", &on(&s(9, "z")), Some(&st)),
+            Decision::StaleOnline
+        ));
+        assert!(matches!(
+            decide("k", &on(&s(10, "b")), Some(&st)),
+            Decision::Noop
+        ));
+        let ended = stored("offline", &s(10, "b"), "bye", 8);
+        assert!(matches!(
+            decide("k", &on(&s(10, "b")), Some(&ended)),
+            Decision::Noop
+        ));
+        let swept = stored("offline", &s(10, "b"), REASON_NODE_LOST, 8);
+        assert!(write(decide("k", &on(&s(10, "b")), Some(&swept)))
+            .event
+            .is_some());
+    }
+
+    #[test]
+    fn offline_only_for_the_stored_session() {
+        let st = stored("online", &s(10, "b"), "hello", 7);
+        let w = write(decide("k", &off(&s(10, "b")), Some(&st)));
+        assert_eq!(w.expected, 7);
+        assert_eq!(w.event.as_ref().unwrap().reason, "bye");
+        for other in [s(9, "b"), s(11, "b"), s(10, "a")] {
+            assert!(matches!(
+                decide("k", &off(&other), Some(&st)),
+                Decision::SuppressedOffline
+            ));
+        }
+        assert!(matches!(
+            decide("k", &off(&s(1, "b")), None),
+            Decision::SuppressedOffline
+        ));
+        let ended = stored("offline", &s(10, "b"), "bye", 8);
+        assert!(matches!(
+            decide("k", &off(&s(10, "b")), Some(&ended)),
+            Decision::SuppressedOffline
+        ));
+    }
+
+    #[test]
+    fn server_versions() {
+        assert!(!version_at_least("2.9.10", (2, 10, 8)));
+        assert!(!version_at_least("2.10.7", (2, 10, 8)));
+        assert!(version_at_least("2.10.8", (2, 10, 8)));
+        assert!(version_at_least("v2.11.0-beta.1", (2, 10, 8)));
+    }
 }

@@ -145,12 +145,8 @@ impl ClusterConfig {
             }
         }
         match (&self.nats_user, &self.nats_password) {
-            (Some(_), None) => {
-                return Err(invalid("nats_password", "required with nats_user"))
-            }
-            (None, Some(_)) => {
-                return Err(invalid("nats_user", "required with nats_password"))
-            }
+            (Some(_), None) => return Err(invalid("nats_password", "required with nats_user")),
+            (None, Some(_)) => return Err(invalid("nats_user", "required with nats_password")),
             _ => {}
         }
         let methods = usize::from(self.nats_token.is_some())
@@ -251,21 +247,84 @@ events_max_age = "1h"
     fn validate_names_the_key() {
         let base = ClusterConfig::new("n1", vec!["nats://127.0.0.1:4222".into()]);
         let cases: Vec<(&str, ClusterConfig)> = vec![
-            ("nats_urls", ClusterConfig { nats_urls: vec![], ..base.clone() }),
-            ("nats_urls", ClusterConfig { nats_urls: vec!["http://x:1".into()], ..base.clone() }),
-            ("nats_urls", ClusterConfig { nats_urls: vec!["nats://x".into()], ..base.clone() }),
-            ("node_id", ClusterConfig { node_id: String::new(), ..base.clone() }),
-            ("node_id", ClusterConfig { node_id: "a b".into(), ..base.clone() }),
-            ("nats_password", ClusterConfig { nats_user: Some("u".into()), ..base.clone() }),
-            ("replicas", ClusterConfig { replicas: 0, ..base.clone() }),
-            ("node_lost_after", ClusterConfig { node_lost_after: Duration::from_secs(1), ..base.clone() }),
-            ("backlog_max", ClusterConfig { backlog_max: 0, ..base.clone() }),
-            ("nats_creds", ClusterConfig { nats_creds: Some("/nonexistent.creds".into()), ..base.clone() }),
+            (
+                "nats_urls",
+                ClusterConfig {
+                    nats_urls: vec![],
+                    ..base.clone()
+                },
+            ),
+            (
+                "nats_urls",
+                ClusterConfig {
+                    nats_urls: vec!["http://x:1".into()],
+                    ..base.clone()
+                },
+            ),
+            (
+                "nats_urls",
+                ClusterConfig {
+                    nats_urls: vec!["nats://x".into()],
+                    ..base.clone()
+                },
+            ),
+            (
+                "node_id",
+                ClusterConfig {
+                    node_id: String::new(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "node_id",
+                ClusterConfig {
+                    node_id: "a b".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "nats_password",
+                ClusterConfig {
+                    nats_user: Some("u".into()),
+                    ..base.clone()
+                },
+            ),
+            (
+                "replicas",
+                ClusterConfig {
+                    replicas: 0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "node_lost_after",
+                ClusterConfig {
+                    node_lost_after: Duration::from_secs(1),
+                    ..base.clone()
+                },
+            ),
+            (
+                "backlog_max",
+                ClusterConfig {
+                    backlog_max: 0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "nats_creds",
+                ClusterConfig {
+                    nats_creds: Some("/nonexistent.creds".into()),
+                    ..base.clone()
+                },
+            ),
         ];
         for (key, c) in cases {
             let e = c.validate().unwrap_err();
             assert_eq!(e.key, key, "{e}");
-            assert!(e.to_string().starts_with(&format!("cluster.{key}: ")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("cluster.{key}: ")),
+                "{e}"
+            );
         }
     }
 }

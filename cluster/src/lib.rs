@@ -254,7 +254,10 @@ impl ClusterHandle {
 
     /// Asks for a reconciliation (uses [`ClusterHooks::local_snapshot`]).
     pub fn request_reconcile(&self) {
-        self.inner.shared.reconcile_wanted.store(true, Ordering::Relaxed);
+        self.inner
+            .shared
+            .reconcile_wanted
+            .store(true, Ordering::Relaxed);
         self.inner.shared.wake.notify_one();
     }
 

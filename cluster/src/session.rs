@@ -124,7 +124,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "1-a-2", "x-a-1-2", "1--1-2", "1-a-1-", "1-a--2", "1-a-1-+2"] {
+        for bad in [
+            "", "1-a-2", "x-a-1-2", "1--1-2", "1-a-1-", "1-a--2", "1-a-1-+2",
+        ] {
             assert!(bad.parse::<SessionId>().is_err(), "{bad}");
         }
     }

@@ -73,7 +73,10 @@ fn server_killed_mid_burst_loses_nothing() {
 
     let insp = Inspector::new(urls[1..].to_vec());
     let values = insp.get_many(&ids);
-    if values.iter().enumerate().any(|(i, v)| v.as_ref().is_none_or(|v| (i < 100) != (v.state == "offline"))) {
+    if values.iter().enumerate().any(|(i, v)| {
+        v.as_ref()
+            .is_none_or(|v| (i < 100) != (v.state == "offline"))
+    }) {
         eprintln!("A: {:?}\nB: {:?}", a.stats(), b.stats());
         for e in insp.events() {
             if e.agent == "host.0000@site" || e.agent == "host.0051@site" {
@@ -85,7 +88,11 @@ fn server_killed_mid_burst_loses_nothing() {
     for (i, v) in values.iter().enumerate() {
         let v = v.as_ref().unwrap_or_else(|| panic!("agent {i} missing"));
         if i < 100 {
-            assert_eq!((v.state.as_str(), v.reason.as_str()), ("offline", "bye"), "agent {i}");
+            assert_eq!(
+                (v.state.as_str(), v.reason.as_str()),
+                ("offline", "bye"),
+                "agent {i}"
+            );
             assert_eq!(v.session, sessions[i].to_string());
         } else if (300..350).contains(&i) {
             assert_eq!(v.state, "online", "agent {i}");
@@ -97,7 +104,11 @@ fn server_killed_mid_burst_loses_nothing() {
     }
     let events = insp.events();
     let last = check_event_chains(&events);
-    assert_eq!(events.len(), 500, "400 onlines + 100 offlines, no duplicate");
+    assert_eq!(
+        events.len(),
+        500,
+        "400 onlines + 100 offlines, no duplicate"
+    );
     assert_eq!(last.values().filter(|s| *s == "offline").count(), 100);
     eprintln!("A: {:?}", a.stats());
 }

@@ -44,7 +44,11 @@ fn kill_node_with_300_agents_240_reconnect_elsewhere() {
     }
     idle(&[&b], IDLE);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(insp.events_from(1).len(), 300, "nothing before node_lost_after");
+    assert_eq!(
+        insp.events_from(1).len(),
+        300,
+        "nothing before node_lost_after"
+    );
 
     wait_for("the sweep of node-a", Duration::from_secs(30), || {
         b.stats().node_lost_swept_total + c.stats().node_lost_swept_total >= 60
@@ -76,10 +80,17 @@ fn kill_node_with_300_agents_240_reconnect_elsewhere() {
     }
     for v in &values[240..] {
         let v = v.as_ref().unwrap();
-        assert_eq!((v.state.as_str(), v.reason.as_str()), ("offline", "node_lost"));
+        assert_eq!(
+            (v.state.as_str(), v.reason.as_str()),
+            ("offline", "node_lost")
+        );
     }
     let (sb, sc) = (b.stats(), c.stats());
-    assert_eq!(sb.sweeps_total + sc.sweeps_total, 1, "one sweeper: {sb:?} {sc:?}");
+    assert_eq!(
+        sb.sweeps_total + sc.sweeps_total,
+        1,
+        "one sweeper: {sb:?} {sc:?}"
+    );
     assert_eq!(sb.node_lost_swept_total + sc.node_lost_swept_total, 60);
     wait_for("node-a gone from the node list", IDLE, || {
         b.nodes().iter().all(|n| n.node_id != "node-a")
@@ -114,10 +125,17 @@ fn restart_with_new_epoch_in_time_is_silent() {
     for v in insp.get_many(&ids) {
         let v = v.unwrap();
         assert_eq!(v.state, "online");
-        assert!(v.session.ends_with(&format!("-node-a-2-{}", v.session.rsplit('-').next().unwrap())));
+        assert!(v.session.ends_with(&format!(
+            "-node-a-2-{}",
+            v.session.rsplit('-').next().unwrap()
+        )));
     }
     assert_eq!(b.stats().sweeps_total, 0);
-    let a_view = b.nodes().into_iter().find(|n| n.node_id == "node-a").unwrap();
+    let a_view = b
+        .nodes()
+        .into_iter()
+        .find(|n| n.node_id == "node-a")
+        .unwrap();
     assert_eq!(a_view.epoch, 2);
     assert!(a_view.alive);
 }

@@ -2,6 +2,8 @@
 //! instead of 30 s, to keep the test short), then restarted; plus the
 //! bounded intent map and the reconciliation that follows an overflow.
 
+#![allow(clippy::needless_range_loop)] // agents are addressed by index in the scenario
+
 mod common;
 
 use std::collections::HashMap;
@@ -33,7 +35,11 @@ fn nats_outage_while_agents_come_and_go() {
     let mut want: HashMap<usize, Want> = HashMap::new();
     let mut live: HashMap<usize, SessionId> = HashMap::new();
     for i in 0..100 {
-        let (h, n) = if i < 50 { (&a, "node-a") } else { (&b, "node-b") };
+        let (h, n) = if i < 50 {
+            (&a, "node-a")
+        } else {
+            (&b, "node-b")
+        };
         let s = session(n, 1);
         h.online(&ids[i], s.clone(), now_ms());
         live.insert(i, s.clone());
@@ -120,7 +126,10 @@ fn nats_outage_while_agents_come_and_go() {
     assert_eq!(moved, 10, "moves during the outage produced no events");
     let offs = events.iter().filter(|e| e.state == "offline").count();
     assert!(offs >= 10, "the 10 byes are in the stream");
-    eprintln!("settled {settled:?} after the restart; {} events", events.len());
+    eprintln!(
+        "settled {settled:?} after the restart; {} events",
+        events.len()
+    );
 }
 
 struct Snapshot(Mutex<Vec<LocalAgent>>);
@@ -177,7 +186,10 @@ fn full_intent_map_is_reconciled() {
         assert_eq!(v.unwrap().state, "online");
     }
     let vx = insp.get(&x).unwrap();
-    assert_eq!((vx.state.as_str(), vx.reason.as_str()), ("offline", "reconcile"));
+    assert_eq!(
+        (vx.state.as_str(), vx.reason.as_str()),
+        ("offline", "reconcile")
+    );
     assert!(a.stats().reconciles_total >= 1);
     let events = insp.events();
     check_event_chains(&events);

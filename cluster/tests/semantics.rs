@@ -26,7 +26,10 @@ fn start_does_not_need_nats_and_keeps_intents() {
     let report = h.shutdown(Duration::from_millis(300));
     assert!(!report.flushed);
     assert_eq!(report.left, 2);
-    assert!(!h.online(b"a3", session("solo", 1), 3), "refused after shutdown");
+    assert!(
+        !h.online(b"a3", session("solo", 1), 3),
+        "refused after shutdown"
+    );
 }
 
 #[test]
@@ -89,7 +92,9 @@ fn move_within_grace_is_silent() {
     }
     let events = insp.events();
     assert_eq!(events.len(), 2, "only the two first onlines: {events:?}");
-    assert!(events.iter().all(|e| e.state == "online" && e.node == "node-a"));
+    assert!(events
+        .iter()
+        .all(|e| e.state == "online" && e.node == "node-a"));
     assert_eq!(events[0].agent, "host.01@x");
     assert_eq!(a.stats().suppressed_offlines_total, 2);
     assert_eq!(b.stats().events_total, 0);
@@ -127,7 +132,10 @@ fn leaving_for_good_is_one_offline() {
     let (seq1, on, msg_id1) = &events[0];
     let (_, off, msg_id2) = &events[1];
     assert_eq!((on.state.as_str(), on.reason.as_str()), ("online", "hello"));
-    assert_eq!((off.state.as_str(), off.reason.as_str()), ("offline", "bye"));
+    assert_eq!(
+        (off.state.as_str(), off.reason.as_str()),
+        ("offline", "bye")
+    );
     assert_eq!(*seq1, 1);
     assert!(off.seq > on.seq);
     assert_eq!(off.ts_ms, 20);
@@ -187,12 +195,18 @@ fn bounce_200_agents_20_times() {
     let writes = watch.stop();
     let mut per_key: HashMap<String, Vec<presence_cluster::SessionId>> = HashMap::new();
     for (k, v) in writes {
-        per_key.entry(k).or_default().push(v.session.parse().unwrap());
+        per_key
+            .entry(k)
+            .or_default()
+            .push(v.session.parse().unwrap());
         assert_eq!(v.state, "online", "no offline was ever written");
     }
     assert_eq!(per_key.len(), 200);
     for (k, s) in per_key {
-        assert!(s.windows(2).all(|w| w[0] < w[1]), "{k}: sessions not increasing: {s:?}");
+        assert!(
+            s.windows(2).all(|w| w[0] < w[1]),
+            "{k}: sessions not increasing: {s:?}"
+        );
     }
     let (sa, sb) = (a.stats(), b.stats());
     assert_eq!(sa.events_total + sb.events_total, 200);
@@ -215,7 +229,7 @@ fn consumer_resumes_from_a_seq() {
     let mut live: Vec<Option<presence_cluster::SessionId>> = vec![None; ids.len()];
     let mut step = |round: usize, expected: &mut HashMap<String, Vec<&'static str>>| {
         for (i, id) in ids.iter().enumerate() {
-            if (i + round) % 3 == 0 {
+            if (i + round).is_multiple_of(3) {
                 continue;
             }
             let name = String::from_utf8(id.clone()).unwrap();
@@ -245,15 +259,25 @@ fn consumer_resumes_from_a_seq() {
     let rest = insp.events_from(resume_at);
     assert_eq!(rest.first().unwrap().0, resume_at);
     let all: Vec<_> = first.into_iter().chain(rest).collect();
-    assert!(all.windows(2).all(|w| w[1].0 == w[0].0 + 1), "no gap in stream seqs");
+    assert!(
+        all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "no gap in stream seqs"
+    );
     let events: Vec<_> = all.into_iter().map(|e| e.1).collect();
-    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq), "one node: seq order = stream order");
+    assert!(
+        events.windows(2).all(|w| w[0].seq < w[1].seq),
+        "one node: seq order = stream order"
+    );
     check_event_chains(&events);
     let mut got: HashMap<String, Vec<&'static str>> = HashMap::new();
     for e in &events {
         got.entry(e.agent.clone())
             .or_default()
-            .push(if e.state == "online" { "online" } else { "offline" });
+            .push(if e.state == "online" {
+                "online"
+            } else {
+                "offline"
+            });
     }
     assert_eq!(got, expected);
 }

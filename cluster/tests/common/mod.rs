@@ -81,7 +81,10 @@ pub fn agent(i: usize) -> Vec<u8> {
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -206,7 +209,8 @@ impl Inspector {
                 return out;
             }
             let mut msgs = c.messages().await.unwrap();
-            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await
+            {
                 let m = m.unwrap();
                 let info = m.info().unwrap();
                 let (seq, pending) = (info.stream_sequence, info.pending);
@@ -264,11 +268,18 @@ pub fn check_event_chains(events: &[EventMessage]) -> HashMap<String, String> {
     let mut last: HashMap<String, (String, u64)> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for e in events {
-        assert!(seen.insert((e.agent.clone(), e.seq)), "duplicate event {e:?}");
+        assert!(
+            seen.insert((e.agent.clone(), e.seq)),
+            "duplicate event {e:?}"
+        );
         match last.get(&e.agent) {
             None => assert_eq!(e.state, "online", "first event of {} is {e:?}", e.agent),
             Some((state, seq)) => {
-                assert_ne!(&e.state, state, "two {state} in a row for {}: {e:?}", e.agent);
+                assert_ne!(
+                    &e.state, state,
+                    "two {state} in a row for {}: {e:?}",
+                    e.agent
+                );
                 assert!(e.seq > *seq, "seq went back for {}: {e:?}", e.agent);
             }
         }
