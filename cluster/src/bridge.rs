@@ -76,6 +76,7 @@ pub(crate) struct Shared {
     pub(crate) nodes: Mutex<Vec<NodeView>>,
     connected: AtomicBool,
     ready: AtomicBool,
+    reconciling: AtomicBool,
     queued: AtomicU64,
     writes: AtomicU64,
     events: AtomicU64,
@@ -159,6 +160,7 @@ impl Shared {
             && self.queued.load(Ordering::Relaxed) == 0
             && self.backlog.load(Ordering::Relaxed) == 0
             && !self.reconcile_wanted.load(Ordering::Relaxed)
+            && !self.reconciling.load(Ordering::Relaxed)
     }
 
     fn success(&self) {
@@ -261,6 +263,7 @@ pub(crate) fn spawn(
         nodes: Mutex::new(Vec::new()),
         connected: AtomicBool::new(false),
         ready: AtomicBool::new(false),
+        reconciling: AtomicBool::new(false),
         queued: AtomicU64::new(0),
         writes: AtomicU64::new(0),
         events: AtomicU64::new(0),
@@ -577,13 +580,11 @@ fn stored_from(raw: Bytes, revision: u64) -> Stored {
 
 /// Outcome of driving one agent.
 pub(crate) enum OpOutcome {
-    Done,
+    /// Finished; how many events this drive published.
+    Done(u64),
     /// NATS failed; `step` is the write whose outcome is unknown (retried
     /// identically first).
-    Failed {
-        step: Option<Step>,
-        error: String,
-    },
+    Failed { step: Option<Step>, error: String },
 }
 
 /// Drives `intent` for one agent to completion: finish `step` (left over
@@ -601,6 +602,7 @@ async fn drive(
     let kv_subject = format!("$KV.{PRESENCE_BUCKET}.{enc}");
     let ev_subject = format!("{EVENTS_SUBJECT_PREFIX}{enc}");
     let mut own_step = step_is_for_intent;
+    let mut published = 0u64;
     loop {
         match step.take() {
             None => {
@@ -618,14 +620,14 @@ async fn drive(
                         step = Some(Step::Kv(w));
                         own_step = true;
                     }
-                    Decision::Noop => return OpOutcome::Done,
+                    Decision::Noop => return OpOutcome::Done(published),
                     Decision::SuppressedOffline => {
                         sh.suppressed_offlines.fetch_add(1, Ordering::Relaxed);
-                        return OpOutcome::Done;
+                        return OpOutcome::Done(published);
                     }
                     Decision::StaleOnline => {
                         sh.stale_onlines.fetch_add(1, Ordering::Relaxed);
-                        return OpOutcome::Done;
+                        return OpOutcome::Done(published);
                     }
                 }
             }
@@ -637,7 +639,7 @@ async fn drive(
                         sh.lag(w.ts_ms);
                         match &w.event {
                             Some(d) => step = Some(Step::Event(event_pub(&enc, &id, seq, d))),
-                            None if own_step => return OpOutcome::Done,
+                            None if own_step => return OpOutcome::Done(published),
                             None => {}
                         }
                     }
@@ -658,7 +660,7 @@ async fn drive(
                                                 d,
                                             )))
                                         }
-                                        None if own_step => return OpOutcome::Done,
+                                        None if own_step => return OpOutcome::Done(published),
                                         None => {}
                                     }
                                 }
@@ -687,8 +689,9 @@ async fn drive(
                 match ctx.publish(ev_subject.clone(), h, ev.payload.clone()).await {
                     Ok(_) => {
                         sh.events.fetch_add(1, Ordering::Relaxed);
+                        published += 1;
                         if own_step {
-                            return OpOutcome::Done;
+                            return OpOutcome::Done(published);
                         }
                     }
                     Err(e) => {
@@ -905,7 +908,7 @@ enum Done {
         result: Result<Arc<Ctx>, ClusterError>,
     },
     Maint {
-        obs: HashMap<String, (u64, Instant)>,
+        obs: Observations,
         result: Result<(Vec<LostNode>, HashSet<String>), String>,
     },
     Sweep(Result<(), String>),
@@ -935,7 +938,7 @@ struct Bridge {
     next_maint: Instant,
     backoff_until: Option<Instant>,
     had_failure: bool,
-    obs: HashMap<String, (u64, Instant)>,
+    obs: Observations,
     full_logged: Option<Instant>,
     full_since_log: u64,
     err_logged: Option<Instant>,
@@ -968,7 +971,7 @@ impl Bridge {
             next_maint: now,
             backoff_until: None,
             had_failure: false,
-            obs: HashMap::new(),
+            obs: Observations::default(),
             full_logged: None,
             full_since_log: 0,
             err_logged: None,
@@ -1167,7 +1170,7 @@ impl Bridge {
                 };
                 slot.busy = false;
                 match outcome {
-                    OpOutcome::Done => {
+                    OpOutcome::Done(_) => {
                         slot.current = None;
                         if self.had_failure {
                             self.had_failure = false;
@@ -1216,7 +1219,9 @@ impl Bridge {
                         self.next_setup = Instant::now() + SETUP_RETRY;
                         let msg = e.to_string();
                         if matches!(e, ClusterError::Mismatch { .. }) {
-                            tracing::error!("cluster: {msg}");
+                            if lock(&self.shared.last_error).as_deref() != Some(msg.as_str()) {
+                                tracing::error!("cluster: {msg}");
+                            }
                             self.shared.error(msg);
                         } else {
                             self.note_failure(msg);
@@ -1249,6 +1254,7 @@ impl Bridge {
             }
             Done::Reconcile { t0, local, result } => {
                 self.reconcile_running = false;
+                self.shared.reconciling.store(false, Ordering::Relaxed);
                 match result {
                     Ok(entries) => self.reconcile(t0, local, entries),
                     Err(e) => {
@@ -1311,6 +1317,7 @@ impl Bridge {
             let t0 = now_ms();
             if let Some(local) = self.hooks.local_snapshot() {
                 self.reconcile_running = true;
+                self.shared.reconciling.store(true, Ordering::Relaxed);
                 let fut = async move {
                     let result = scan(&ctx.js, &ctx.presence_stream, PRESENCE_BUCKET).await;
                     Done::Reconcile { t0, local, result }
@@ -1513,14 +1520,23 @@ async fn setup_objects(
 }
 
 /// Heartbeat: refresh this node's entry, read every node's, find the lost.
-async fn maint(ctx: Arc<Ctx>, mut obs: HashMap<String, (u64, Instant)>) -> Done {
+/// What this node saw of the others: per node key, the revision of its
+/// entry and since when (our clock) it has not changed.
+#[derive(Default)]
+struct Observations {
+    seen: HashMap<String, (u64, Instant)>,
+    /// The end of our previous successful scan.
+    last_scan: Option<Instant>,
+}
+
+async fn maint(ctx: Arc<Ctx>, mut obs: Observations) -> Done {
     let result = maint_inner(&ctx, &mut obs).await;
     Done::Maint { obs, result }
 }
 
 async fn maint_inner(
     ctx: &Ctx,
-    obs: &mut HashMap<String, (u64, Instant)>,
+    state: &mut Observations,
 ) -> Result<(Vec<LostNode>, HashSet<String>), String> {
     let sh = &ctx.shared;
     let me = encode_id(ctx.node.node_id.as_bytes());
@@ -1530,6 +1546,8 @@ async fn maint_inner(
         agents: sh.agents.load(Ordering::Relaxed),
         connections: sh.connections.load(Ordering::Relaxed),
         ts_ms: now_ms(),
+        backlog: sh.backlog.load(Ordering::Relaxed),
+        publish_lag_ms: lock(&sh.lags).last,
     };
     let payload = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
     let ack = ctx
@@ -1542,6 +1560,17 @@ async fn maint_inner(
 
     let entries = scan(&ctx.js, &ctx.nodes_stream, NODES_BUCKET).await?;
     let now = Instant::now();
+    // If we ourselves could not look for a while (NATS outage, partition),
+    // nobody can be judged by that time: every node's clock starts again.
+    let gap_limit = (ctx.cfg.node_heartbeat * 3).max(Duration::from_secs(1));
+    if state
+        .last_scan
+        .is_none_or(|t| now.duration_since(t) > gap_limit)
+    {
+        state.seen.clear();
+    }
+    state.last_scan = Some(now);
+    let obs = &mut state.seen;
     let mut views = Vec::new();
     let mut lost = Vec::new();
     let mut alive_set = HashSet::new();
@@ -1580,6 +1609,8 @@ async fn maint_inner(
             agents: v.agents,
             connections: v.connections,
             ts_ms: v.ts_ms,
+            backlog: v.backlog,
+            publish_lag_ms: v.publish_lag_ms,
             alive,
             local,
         });
@@ -1674,7 +1705,6 @@ async fn sweep(
         }
         sh.sweeps.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %node.node_id, epoch = node.epoch, agents = ids.len(), "cluster: node lost; sweeping its agents offline (node_lost)");
-        let before = sh.events.load(Ordering::Relaxed);
         let ts = now_ms();
         let results: Vec<OpOutcome> =
             futures::stream::iter(victims.into_iter().map(|(enc, id, session)| {
@@ -1694,7 +1724,13 @@ async fn sweep(
             .buffer_unordered(32)
             .collect()
             .await;
-        let swept = sh.events.load(Ordering::Relaxed).saturating_sub(before);
+        let swept: u64 = results
+            .iter()
+            .map(|r| match r {
+                OpOutcome::Done(n) => *n,
+                OpOutcome::Failed { .. } => 0,
+            })
+            .sum();
         sh.node_lost_swept.fetch_add(swept, Ordering::Relaxed);
         if let Some(OpOutcome::Failed { error, .. }) = results
             .iter()

@@ -173,6 +173,9 @@ pub struct NodeView {
     pub agents: u64,
     pub connections: u64,
     pub ts_ms: u64,
+    /// Its intent backlog and last publish lag (ms), as it last published them.
+    pub backlog: u64,
+    pub publish_lag_ms: u64,
     /// Its entry changed within `node_lost_after` (as observed by this node).
     pub alive: bool,
     /// This node itself.

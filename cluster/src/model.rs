@@ -41,6 +41,12 @@ pub struct NodeValue {
     pub connections: u64,
     /// Unix ms of this refresh (the writer's clock).
     pub ts_ms: u64,
+    /// Extension: the node's intent backlog (agents not yet written).
+    #[serde(default)]
+    pub backlog: u64,
+    /// Extension: the node's last publish lag (intent to acknowledged write), ms.
+    #[serde(default)]
+    pub publish_lag_ms: u64,
 }
 
 /// One message of `PRESENCE_EVENTS`: the control socket's event line plus

@@ -281,3 +281,43 @@ fn consumer_resumes_from_a_seq() {
     }
     assert_eq!(got, expected);
 }
+
+/// An existing stream with another configuration is a clear error (in
+/// `stats.last_error` and the log), and nothing is written.
+#[test]
+fn mismatching_existing_stream_is_a_clear_error() {
+    init_tracing();
+    let nats = NatsServer::start().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "PRESENCE_EVENTS".into(),
+            subjects: vec!["presence.events.>".into()],
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let a = start("node-a", 1, vec![nats.url()]);
+    a.online(b"x", session("node-a", 1), 1);
+    wait_for("the mismatch error", IDLE, || {
+        a.stats()
+            .last_error
+            .is_some_and(|e| e.contains("PRESENCE_EVENTS") && e.contains("max_age"))
+    });
+    let st = a.stats();
+    assert!(
+        !st.ready && st.backlog == 1 && st.writes_total == 0,
+        "{st:?}"
+    );
+    let e = st.last_error.unwrap();
+    assert!(
+        e.contains("existing max_age is 1h, configured 7days"),
+        "{e}"
+    );
+}
