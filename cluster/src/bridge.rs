@@ -1169,14 +1169,12 @@ impl Bridge {
                     return;
                 };
                 slot.busy = false;
+                let mut failure = None;
+                let mut recovered = false;
                 match outcome {
                     OpOutcome::Done(_) => {
                         slot.current = None;
-                        if self.had_failure {
-                            self.had_failure = false;
-                            tracing::info!("cluster: NATS writes succeed again");
-                            self.shared.reconcile_wanted.store(true, Ordering::Relaxed);
-                        }
+                        recovered = self.had_failure;
                     }
                     OpOutcome::Failed { step, error } => {
                         if slot.pending.is_none() {
@@ -1187,10 +1185,9 @@ impl Bridge {
                             slot.unsure_own = false;
                         }
                         slot.unsure = step;
-                        self.note_failure(error);
+                        failure = Some(error);
                     }
                 }
-                let slot = self.slots.get_mut(&enc).expect("slot present");
                 if slot.pending.is_some() {
                     if !slot.in_ready {
                         slot.in_ready = true;
@@ -1198,6 +1195,13 @@ impl Bridge {
                     }
                 } else {
                     self.slots.remove(&enc);
+                }
+                if let Some(error) = failure {
+                    self.note_failure(error);
+                } else if recovered {
+                    self.had_failure = false;
+                    tracing::info!("cluster: NATS writes succeed again");
+                    self.shared.reconcile_wanted.store(true, Ordering::Relaxed);
                 }
                 self.shared
                     .backlog
