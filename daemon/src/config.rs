@@ -273,12 +273,8 @@ impl Config {
                 "glommio needs at least 512 KiB",
             ));
         }
-        if let Err(reason) = self.guard.validate() {
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                key: "guard",
-                reason,
-            });
+        if let Err(e) = self.guard.validate() {
+            return Err(invalid("guard", &e.to_string()));
         }
         if self.state.flush_interval.is_zero() {
             return Err(invalid("state.flush_interval", "must be greater than 0"));
