@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Where `presencectl` and friends look when no socket is given.
@@ -44,9 +44,68 @@ pub struct Config {
     #[serde(default)]
     pub state: StateConfig,
     #[serde(default)]
-    pub guard: crate::presence::guard::GuardConfig,
+    pub guard: GuardConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+}
+
+/// `[guard]`: the mass-offline guard (see `presence::guard`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardConfig {
+    /// On by default.
+    pub enabled: bool,
+    /// Length of the sliding window over which offline transitions are counted.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Share of the online fleet (0 < share <= 1) that may go offline within
+    /// `window` before the guard activates.
+    pub threshold_share: f64,
+    /// The guard never activates with fewer offline transitions than this in
+    /// the window (small fleets).
+    pub min_offline: u32,
+    /// How long the offline rate must stay at or below the threshold before
+    /// held events are released.
+    #[serde(with = "humantime_serde")]
+    pub release_quiet: Duration,
+    /// Also hold `bye` offlines during a surge. Off by default: BYE is the
+    /// agent itself saying it stops, never a server or network artefact
+    /// (a fleet-wide patch reboot is real).
+    pub hold_bye: bool,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: Duration::from_secs(60),
+            threshold_share: 0.05,
+            min_offline: 20,
+            release_quiet: Duration::from_secs(60),
+            hold_bye: false,
+        }
+    }
+}
+
+/// Why a `[guard]` configuration is refused.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum GuardConfigError {
+    #[error("guard.threshold_share must be in (0, 1], got {0}")]
+    ThresholdShare(f64),
+    #[error("guard.window must be positive")]
+    Window,
+}
+
+impl GuardConfig {
+    pub fn validate(&self) -> Result<(), GuardConfigError> {
+        if !(self.threshold_share > 0.0 && self.threshold_share <= 1.0) {
+            return Err(GuardConfigError::ThresholdShare(self.threshold_share));
+        }
+        if self.window.as_millis() == 0 {
+            return Err(GuardConfigError::Window);
+        }
+        Ok(())
+    }
 }
 
 /// `[state]`: where presence survives crashes and restarts.
@@ -273,12 +332,8 @@ impl Config {
                 "glommio needs at least 512 KiB",
             ));
         }
-        if let Err(reason) = self.guard.validate() {
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                key: "guard",
-                reason,
-            });
+        if let Err(e) = self.guard.validate() {
+            return Err(invalid("guard", &e.to_string()));
         }
         if self.state.flush_interval.is_zero() {
             return Err(invalid("state.flush_interval", "must be greater than 0"));

@@ -9,8 +9,20 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
 
+use presence_proto::{FleetKey, FleetKeyError};
+use thiserror::Error;
+
 use crate::config::Config;
-use presence_proto::FleetKey;
+use crate::tls::config::TlsError;
+
+/// Why a reload kept the old material.
+#[derive(Debug, Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    FleetKey(#[from] FleetKeyError),
+}
 
 pub struct Runtime {
     pub config: Config,
@@ -94,19 +106,8 @@ impl Runtime {
     /// Everything is loaded and validated first; on any error nothing
     /// changes and the old material stays in service. Established
     /// connections are never touched.
-    pub fn reload(&self) -> Result<(), String> {
-        let result: Result<(), String> = (|| {
-            let c = &self.config;
-            let tls = crate::tls::config::server_config(&c.tls.cert, &c.tls.key, &self.ticketer)
-                .map_err(|e| e.to_string())?;
-            let key = FleetKey::load(&c.auth.fleet_key).map_err(|e| e.to_string())?;
-            self.set_tls(tls);
-            match self.fleet_key.write() {
-                Ok(mut g) => *g = key,
-                Err(poisoned) => *poisoned.into_inner() = key,
-            }
-            Ok(())
-        })();
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.load_and_swap();
         let mut st = self.reload.lock().unwrap_or_else(|p| p.into_inner());
         st.reloads_total += 1;
         st.last_reload_ms = Some(wall_ms());
@@ -114,10 +115,23 @@ impl Runtime {
             Ok(()) => st.last_reload_error = None,
             Err(e) => {
                 st.reload_failures_total += 1;
-                st.last_reload_error = Some(e.clone());
+                st.last_reload_error = Some(e.to_string());
             }
         }
         result
+    }
+
+    /// Load and validate the new material, then swap it in (all or nothing).
+    fn load_and_swap(&self) -> Result<(), ReloadError> {
+        let c = &self.config;
+        let tls = crate::tls::config::server_config(&c.tls.cert, &c.tls.key, &self.ticketer)?;
+        let key = FleetKey::load(&c.auth.fleet_key)?;
+        self.set_tls(tls);
+        match self.fleet_key.write() {
+            Ok(mut g) => *g = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+        Ok(())
     }
 
     pub fn reload_status(&self) -> ReloadStatus {

@@ -498,7 +498,7 @@ pub fn reload(shard: &Shard) -> Result<(), String> {
     } else {
         "reload failed; previous certificate kept"
     });
-    r
+    r.map_err(|e| e.to_string())
 }
 
 /// Stream events from `from` (or from now) until the client closes.

@@ -5,13 +5,13 @@
 //! control socket as `control.sock` inside DIR. These names are a contract.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 use presence_proto::FleetKey;
+
+use crate::store::fs::{write_atomic, FsError, PRIVATE_FILE_MODE};
 
 pub const CONFIG_FILE: &str = "presenced.toml";
 pub const CERT_FILE: &str = "tls/cert.pem";
@@ -36,21 +36,14 @@ pub enum DevInitError {
     Exists(PathBuf),
     #[error("generating the self-signed certificate: {0}")]
     Cert(#[from] rcgen::Error),
+    #[error("writing the setup: {0}")]
+    Write(#[from] FsError),
 }
 
+/// Write one file of the setup atomically with `mode` (0600 for the
+/// secrets, 0644 for the rest), through the daemon's one file helper.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), DevInitError> {
-    let io = |source| DevInitError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(contents).map_err(io)
+    Ok(write_atomic(path, contents, mode)?)
 }
 
 /// The dev config text; paths are relative to DIR.
@@ -107,12 +100,12 @@ pub fn dev_init(dir: &Path, force: bool) -> Result<(), DevInitError> {
     write_file(
         &dir.join(KEY_FILE),
         key_pair.serialize_pem().as_bytes(),
-        0o600,
+        PRIVATE_FILE_MODE,
     )?;
     write_file(
         &dir.join(FLEET_KEY_FILE),
         FleetKey::generate().to_file_text().as_bytes(),
-        0o600,
+        PRIVATE_FILE_MODE,
     )?;
     write_file(
         &dir.join(CONFIG_FILE),

@@ -10,6 +10,10 @@ use serde::Serialize;
 
 use crate::presence::table::Transition;
 
+/// The shard that numbers events (it holds the [`EventLog`]) and owns the
+/// event shard's files (`events.seq`, `guard.held`).
+pub const EVENT_SHARD: usize = 0;
+
 /// Reasons an event can carry, by their one-byte code.
 const REASONS: [&str; 6] = [
     "hello",

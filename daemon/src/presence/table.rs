@@ -120,6 +120,20 @@ pub struct Record {
     pub offline_reason: Option<OfflineReason>,
 }
 
+/// A record as the table starts with it after a restart (made by
+/// `store::recovery` from what was persisted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredRecord {
+    pub agent: Box<str>,
+    /// Online (or held offline) before the restart: reported online until it
+    /// reconnects (silently) or the restart grace ends (`not_reconnected`).
+    pub presumed_online: bool,
+    pub since_ms: u64,
+    pub last_seen_ms: u64,
+    pub session: u64,
+    pub offline_reason: Option<OfflineReason>,
+}
+
 /// What a HELLO did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct HelloOutcome {
@@ -348,23 +362,12 @@ impl PresenceTable {
     /// Start from records recovered after a restart: agents presumed online
     /// are Online with no connection (a HELLO is then silent: nothing to
     /// supersede, no event); the others are Offline.
-    pub fn restore_recovered(
-        &mut self,
-        records: Vec<crate::store::shard_store::RecoveredRecord>,
-        _now: Instant,
-    ) {
-        use crate::store::shard_store::{PersistedReason, RecoveredState};
+    pub fn restore_recovered(&mut self, records: Vec<RecoveredRecord>) {
         for r in records {
-            let online = !matches!(r.state, RecoveredState::Offline);
+            let online = r.presumed_online;
             if online {
                 self.online += 1;
             }
-            let offline_reason = r.offline_reason.map(|x| match x {
-                PersistedReason::Bye => OfflineReason::Bye,
-                PersistedReason::Timeout => OfflineReason::Timeout,
-                PersistedReason::Disconnect => OfflineReason::Disconnect,
-                PersistedReason::NotReconnected => OfflineReason::NotReconnected,
-            });
             self.records.insert(
                 r.agent,
                 Record {
@@ -378,7 +381,7 @@ impl PresenceTable {
                     } else {
                         State::Offline
                     },
-                    offline_reason: if online { None } else { offline_reason },
+                    offline_reason: if online { None } else { r.offline_reason },
                 },
             );
         }

@@ -163,7 +163,7 @@ fn open_ticketer(
     handed: Option<crate::tls::tickets::TicketKeys>,
 ) -> Result<Arc<crate::tls::tickets::PersistentTicketer>, ServerError> {
     use crate::tls::tickets::{PersistentTicketer, TicketKeys};
-    if let Err(e) = crate::store::shard_store::ensure_state_dir(dir) {
+    if let Err(e) = crate::store::fs::ensure_private_dir(dir) {
         tracing::warn!("state directory {}: {e}", dir.display());
     }
     if let Some(keys) = handed {

@@ -1,7 +1,7 @@
 //! A shard's durability: its presence changes go to the state directory
 //! (through [`crate::store::shard_store`]) without blocking the shard, and after an
 //! unplanned restart the agents that were online are presumed online for
-//! `state.restart_grace` ([`crate::store::shard_store::RestartWindow`]).
+//! `state.restart_grace` ([`crate::store::recovery::RestartWindow`]).
 //!
 //! Changes are buffered in memory as they happen (never on heartbeats) and
 //! written and fsync'd every `state.flush_interval` on glommio's blocking
@@ -16,9 +16,9 @@ use tracing::{info, warn};
 
 use crate::config::StateConfig;
 use crate::presence::table::{PresenceTable, Record};
-use crate::store::shard_store::{
-    self as persist, LoadReport, LogBuffer, PersistedRecord, RestartWindow, ShardStore,
-};
+use crate::store::record::PersistedRecord;
+use crate::store::recovery::{recover_with_held, LoadReport, RestartWindow};
+use crate::store::shard_store::{load_guard_held, LogBuffer, PersistError, ShardStore};
 
 /// What `stats` says about the persisted presence of a shard.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -62,8 +62,8 @@ impl Durable {
         table: &mut PresenceTable,
         handed_over: bool,
         now: Instant,
-    ) -> Result<(Durable, u64), persist::PersistError> {
-        persist::ensure_state_dir(&cfg.dir)?;
+    ) -> Result<(Durable, u64), PersistError> {
+        crate::store::fs::ensure_private_dir(&cfg.dir)?;
         let (store, loaded) = ShardStore::open(&cfg.dir, shard)?;
         let report: LoadReport = loaded.report.clone();
         let mut status = DurableStatus {
@@ -83,11 +83,11 @@ impl Durable {
         } else if loaded.records.is_empty() {
             status.presence = "fresh";
         } else {
-            let held = match persist::load_guard_held(&cfg.dir) {
+            let held = match load_guard_held(&cfg.dir) {
                 Ok(Ok(ids)) => ids.into_iter().collect(),
                 _ => Default::default(),
             };
-            let recovery = persist::recover_with_held(
+            let recovery = recover_with_held(
                 loaded.records,
                 &held,
                 crate::shared::wall_ms(),
@@ -102,7 +102,7 @@ impl Durable {
             status.presence = "restored";
             status.presumed_online = recovery.presumed_online;
             let window = RestartWindow::new(&recovery);
-            table.restore_recovered(recovery.records, now);
+            table.restore_recovered(recovery.records);
             restart = Some(window);
         }
         let seq_hw = loaded.event_seq_high_water;

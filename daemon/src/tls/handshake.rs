@@ -313,7 +313,7 @@ impl std::fmt::Debug for Handshake {
     }
 }
 
-enum Step {
+enum HandshakeStep {
     Continue,
     Blocked,
     Convert,
@@ -374,18 +374,18 @@ impl Handshake {
             let next = match status.state {
                 Err(e) => Err(HandshakeError::Tls(e)),
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    encode(out, |buf| enc.encode(buf)).map(|()| Step::Continue)
+                    encode(out, |buf| enc.encode(buf)).map(|()| HandshakeStep::Continue)
                 }
                 Ok(ConnectionState::TransmitTlsData(tx)) => {
                     // The bytes are in `out`, which the caller sends.
                     tx.done();
-                    Ok(Step::Continue)
+                    Ok(HandshakeStep::Continue)
                 }
-                Ok(ConnectionState::BlockedHandshake) => Ok(Step::Blocked),
+                Ok(ConnectionState::BlockedHandshake) => Ok(HandshakeStep::Blocked),
                 Ok(ConnectionState::ReadTraffic(mut rd)) => {
                     // Not expected (no record after the client Finished is
                     // handed over), but harmless.
-                    let mut r = Ok(Step::Continue);
+                    let mut r = Ok(HandshakeStep::Continue);
                     while let Some(rec) = rd.next_record() {
                         match rec {
                             Ok(rec) => {
@@ -410,9 +410,9 @@ impl Handshake {
                 }
                 Ok(ConnectionState::PeerClosed) => {
                     self.peer_closed = true;
-                    Ok(Step::Continue)
+                    Ok(HandshakeStep::Continue)
                 }
-                Ok(ConnectionState::WriteTraffic(_)) => Ok(Step::Convert),
+                Ok(ConnectionState::WriteTraffic(_)) => Ok(HandshakeStep::Convert),
                 Ok(ConnectionState::ReadEarlyData(_)) => Err(HandshakeError::EarlyData),
                 Ok(ConnectionState::Closed) => Err(HandshakeError::ClosedDuringHandshake),
                 Ok(_) => Err(HandshakeError::UnexpectedState("unknown")),
@@ -421,13 +421,15 @@ impl Handshake {
             // included.
             self.input.drain(..discard.min(self.input.len()));
             match next? {
-                Step::Continue => {}
-                Step::Blocked => {
+                HandshakeStep::Continue => {}
+                HandshakeStep::Blocked => {
                     if !self.hand_over() {
                         return Ok(Progress::NeedInput);
                     }
                 }
-                Step::Convert => return self.convert().map(|e| Progress::Done(Box::new(e))),
+                HandshakeStep::Convert => {
+                    return self.convert().map(|e| Progress::Done(Box::new(e)))
+                }
             }
         }
     }

@@ -19,8 +19,8 @@
 //! immutable key snapshot, and rotation swaps in a new snapshot.
 //!
 //! Whether a handshake was resumed is not the ticketer's business (rustls
-//! may decrypt a ticket and still decline it): ask the connection, see
-//! [`is_resumed`].
+//! may decrypt a ticket and still decline it): ask the connection
+//! (`handshake_kind() == Some(HandshakeKind::Resumed)`).
 //!
 //! # Key file format (`tickets.keys`, also [`TicketKeys::to_bytes`])
 //!
@@ -40,9 +40,9 @@
 //! nonce random, the key id as additional authenticated data.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,8 +52,10 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, N
 use ring::digest::{digest, SHA256, SHA256_OUTPUT_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::server::{NoServerSessionStorage, ProducesTickets};
-use rustls::{CommonState, HandshakeKind, ServerConfig};
+use rustls::ServerConfig;
 use thiserror::Error;
+
+use crate::store::fs::{self as store_fs, FsError};
 
 /// The key file's name inside the state directory.
 pub const FILE_NAME: &str = "tickets.keys";
@@ -83,6 +85,8 @@ pub enum TicketError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("ticket key file: {0}")]
+    Fs(#[from] FsError),
     #[error("ticket keys: {0}")]
     Invalid(String),
     #[error("ticket keys: the system random number generator failed")]
@@ -351,10 +355,7 @@ impl TicketKeys {
                 ))
             }
             Err(e) => {
-                let mut aside = path.as_os_str().to_owned();
-                aside.push(".corrupt");
-                let aside = PathBuf::from(aside);
-                let moved_to = fs::rename(&path, &aside).ok().map(|()| aside);
+                let moved_to = store_fs::move_aside(&path).ok().flatten();
                 fresh(LoadNote::Replaced {
                     reason: e.to_string(),
                     moved_to,
@@ -363,47 +364,13 @@ impl TicketKeys {
         }
     }
 
-    /// Write `<state_dir>/tickets.keys` atomically and durably: a 0600
-    /// temporary file, fsync, rename, fsync of the directory. Creates the
-    /// directory (0700) if it is missing.
+    /// Write `<state_dir>/tickets.keys` atomically and durably with mode
+    /// 0600, creating the directory (0700) if it is missing
+    /// ([`crate::store::fs::write_private`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), TicketError> {
-        if !state_dir.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(state_dir)
-                .map_err(io_err("create directory", state_dir))?;
-        }
-        let path = Self::path(state_dir);
-        let tmp = state_dir.join(format!(".{FILE_NAME}.tmp.{}", std::process::id()));
-        match fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove stale temporary file", &tmp)(e)),
-        }
-        let write = || -> Result<(), TicketError> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            // The umask cannot widen 0600, but be explicit.
-            f.set_permissions(fs::Permissions::from_mode(0o600))
-                .map_err(io_err("chmod 0600", &tmp))?;
-            f.write_all(&self.to_bytes())
-                .map_err(io_err("write", &tmp))?;
-            f.sync_all().map_err(io_err("fsync", &tmp))?;
-            drop(f);
-            fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        File::open(state_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync directory", state_dir))
+        store_fs::ensure_private_dir(state_dir)?;
+        store_fs::write_private(&Self::path(state_dir), &self.to_bytes())?;
+        Ok(())
     }
 
     /// Replace the policy (not stored in the file).
@@ -429,11 +396,6 @@ impl TicketKeys {
     /// The sealing key's id.
     pub fn current_id(&self) -> u32 {
         self.gens.first().map_or(0, |g| g.id)
-    }
-
-    /// When the sealing key was made.
-    pub fn current_created(&self) -> SystemTime {
-        from_unix_secs(self.gens.first().map_or(0, |g| g.created))
     }
 
     /// True when the sealing key is `rotate_every` old (or dated implausibly
@@ -638,7 +600,7 @@ impl Snapshot {
 
 /// Counters of ticket operations. `accepted` counts tickets that decrypted;
 /// rustls may still decline to resume with one (other cipher suite or SNI),
-/// so count resumed handshakes with [`is_resumed`].
+/// so count resumed handshakes from the connection's `handshake_kind()`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TicketStats {
     pub issued: u64,
@@ -766,14 +728,6 @@ impl PersistentTicketer {
         let mut keys = self.lock_keys();
         keys.force_rotate(now)?;
         bump(&self.counters.rotations);
-        self.apply(&keys)
-    }
-
-    /// Replace all keys (e.g. with the ones an upgrade handed over) and save.
-    pub fn replace_keys(&self, new: TicketKeys) -> Result<(), TicketError> {
-        let mut keys = self.lock_keys();
-        let policy = keys.policy;
-        *keys = new.with_policy(policy);
         self.apply(&keys)
     }
 
@@ -928,25 +882,6 @@ pub fn install(config: &mut ServerConfig, ticketer: Arc<PersistentTicketer>) {
     config.session_storage = Arc::new(NoServerSessionStorage {});
 }
 
-/// Whether the connection's handshake resumed a session. Works on any rustls
-/// connection (`ServerConnection`, `UnbufferedServerConnection`, client
-/// side) through `Deref` to [`CommonState`]; known once the ServerHello is
-/// out, so in the lean driver call it before `dangerous_into_kernel_connection`
-/// consumes the connection.
-pub fn is_resumed(conn: &CommonState) -> bool {
-    conn.handshake_kind() == Some(HandshakeKind::Resumed)
-}
-
-/// A stats/metrics label for a handshake kind.
-pub fn handshake_label(kind: Option<HandshakeKind>) -> &'static str {
-    match kind {
-        Some(HandshakeKind::Resumed) => "resumed",
-        Some(HandshakeKind::Full) => "full",
-        Some(HandshakeKind::FullWithHelloRetryRequest) => "full_hrr",
-        None => "unknown",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -955,7 +890,7 @@ mod tests {
 
     use rustls::crypto::ring as provider;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+    use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, ServerConnection};
 
     use crate::tls::handshake::{prepare_config, Handshake, Progress};
     use presence_proto::ALPN;
@@ -1041,7 +976,7 @@ mod tests {
                 && !client.is_handshaking()
                 && !server.is_handshaking()
             {
-                assert_eq!(is_resumed(&server), is_resumed(&client));
+                assert_eq!(server.handshake_kind(), client.handshake_kind());
                 return (client.handshake_kind(), server.handshake_kind());
             }
         }
@@ -1076,7 +1011,6 @@ mod tests {
         assert_eq!(s.issued, 6);
         // Another client has no ticket.
         assert_eq!(connect(&server, &client_config()), FULL);
-        assert_eq!(handshake_label(Some(HandshakeKind::Resumed)), "resumed");
         assert_eq!(t.lifetime(), 24 * 3600);
     }
 
