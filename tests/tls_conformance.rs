@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use presence_client::protocol::{decode_one, Frame};
-use presenced_tests::{Daemon, Options};
+use presenced_tests::Daemon;
 use ring::{aead, hkdf};
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -657,7 +657,7 @@ fn abort(raw: Raw) {
 /// debug level.
 #[test]
 fn connection_aborted_after_new_session_ticket_is_quiet() {
-    let d = Daemon::start_with(Options::default());
+    let d = Daemon::start();
     let log_before = d.log_text().len();
     let mut completed = 0;
     for suite in SUITES {
