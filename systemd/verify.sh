@@ -14,6 +14,9 @@
 # the unit name is unchanged), only ExecStart's binary path is replaced, and the
 # copy is verified. Nothing else is altered.
 #
+# Also: `systemd-analyze security --offline=true` on the same copy; its overall
+# exposure level must be <= 1.5 (MAX_EXPOSURE in the environment overrides).
+#
 # Failure (exit 1): systemd-analyze exits non-zero, or prints anything about
 # presenced.service (systemd-analyze exits 0 on e.g. "Unknown key ... ignoring",
 # which for us is a typo, so any such line fails the check). Lines that name a
@@ -70,6 +73,27 @@ if [[ $rc -ne 0 ]]; then
     status=1
 fi
 [[ $status -eq 0 ]] && echo "  ok: presenced.service"
+
+# Sandbox exposure: `systemd-analyze security` scores the unit from 0.0 (locked
+# down) to 10.0; fail above MAX_EXPOSURE. --offline=true reads the unit file
+# itself, not a loaded unit, so no systemd instance is needed.
+MAX_EXPOSURE="${MAX_EXPOSURE:-1.5}"
+echo "== systemd-analyze security --offline=true (exposure must be <= $MAX_EXPOSURE)"
+set +e
+sec="$(systemd-analyze security --offline=true "$unit" 2>&1)"
+set -e
+exposure="$(sed -n 's/.*Overall exposure level for presenced\.service: \([0-9][0-9]*\.[0-9]\).*/\1/p' <<<"$sec" | tail -1)"
+if [[ -z "$exposure" ]]; then
+    sed 's/^/  /' <<<"$sec"
+    echo "  ERROR: no overall exposure level in the output of systemd-analyze security"
+    status=1
+elif awk -v e="$exposure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e > m) }'; then
+    grep '✗' <<<"$sec" | sed 's/^/  /' || true
+    echo "  ERROR: exposure $exposure is above $MAX_EXPOSURE (items marked ✗ above)"
+    status=1
+else
+    echo "  ok: exposure $exposure"
+fi
 
 if [[ -f "$sysusers_src" ]]; then
     if command -v systemd-sysusers >/dev/null; then

@@ -134,9 +134,20 @@ async fn handshake(
         if !out.is_empty() {
             let write = tcp.write_all(&out).fuse();
             pin_mut!(write);
-            futures::select_biased! {
+            let written = futures::select_biased! {
                 c = cmd => return Err(Failed::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
-                r = write => r.map_err(|_| Failed::Closed)?,
+                r = write => r,
+            };
+            if written.is_err() {
+                return match progress {
+                    // The handshake completed; the peer left before its
+                    // session tickets went out: a disconnect, not a failure.
+                    Progress::Done(mut est) => {
+                        est.peer_closed = true;
+                        Ok(est)
+                    }
+                    Progress::NeedInput => Err(Failed::Closed),
+                };
             }
         }
         if let Progress::Done(est) = progress {

@@ -217,6 +217,7 @@ impl Shard {
             let mut conns = self.conns.borrow_mut();
             let mut scratch = self.scratch.borrow_mut();
             let Scratch { plain, out, .. } = &mut *scratch;
+            out.clear();
             match conns.get_mut(key).map(|e| &mut e.kind) {
                 Some(Kind::Session(s)) => {
                     let mut closing = false;
@@ -227,6 +228,11 @@ impl Shard {
                     if !closing && !input.is_empty() {
                         let mut input = input;
                         s.ingest(&mut input, plain, out, &mut steps);
+                    }
+                    // A KeyUpdate that came with the client Finished: its
+                    // reply goes out before anything sealed under the new key.
+                    if !out.is_empty() && !s.send(out) {
+                        steps.push(Step::Closed);
                     }
                     closing
                 }

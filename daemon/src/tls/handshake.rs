@@ -20,6 +20,14 @@
 //! client Finished stays raw in [`Established::leftover`] for the record
 //! layer, and the converted session starts at client sequence number 0.
 //!
+//! Record-layer rules rustls does not apply itself are checked on each record
+//! header before rustls sees the record (RFC 8446 section 5): a plaintext
+//! record over 2^14 bytes or any record over 2^14 + 256 bytes gets
+//! `record_overflow`, a plaintext handshake record once the handshake keys are
+//! in use (e.g. a plaintext Finished) gets `unexpected_message`, and so does an
+//! encrypted record whose inner plaintext has no content type. These alerts
+//! are sealed here (see [`Handshake::own_alert`]).
+//!
 //! A config must go through [`prepare_config`] first: it turns on secret
 //! extraction, installs the hook, disables 0-RTT and wraps the certificate
 //! resolver to note the SNI (the unbuffered server connection of rustls
@@ -34,7 +42,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError};
 use rustls::{ConnectionTrafficSecrets, KeyLog, ProtocolVersion, ServerConfig};
 use thiserror::Error;
 
-use super::record::{self, LeanSession, RecordError, Suite};
+use super::record::{self, AlertDescription, LeanSession, RecordError, Suite};
 
 /// Handshake bytes we buffer before giving up on a client. A TLS 1.3 client
 /// flight is a few KiB even with post-quantum key shares.
@@ -74,6 +82,31 @@ pub enum HandshakeError {
     AlreadyEnded,
     #[error("building the record layer: {0}")]
     Record(#[from] RecordError),
+    #[error("record of type {ty} and {len} bytes exceeds {limit} bytes")]
+    RecordOverflow { ty: u8, len: usize, limit: usize },
+    #[error("plaintext record of type {0} after the handshake keys took effect")]
+    PlaintextAfterKeys(u8),
+    #[error("record of unknown content type {0}")]
+    UnknownContentType(u8),
+}
+
+impl HandshakeError {
+    /// The alert RFC 8446 names for an error this driver finds itself (rustls
+    /// sends its own alerts for the errors it finds, except the one mapped
+    /// here, an encrypted record without a content type, for which it sends
+    /// none).
+    pub fn own_alert(&self) -> Option<AlertDescription> {
+        match self {
+            Self::RecordOverflow { .. } => Some(AlertDescription::RecordOverflow),
+            Self::PlaintextAfterKeys(_) | Self::UnknownContentType(_) => {
+                Some(AlertDescription::UnexpectedMessage)
+            }
+            Self::Tls(rustls::Error::PeerMisbehaved(
+                rustls::PeerMisbehaved::IllegalTlsInnerPlaintext,
+            )) => Some(AlertDescription::UnexpectedMessage),
+            _ => None,
+        }
+    }
 }
 
 /// What the caller does next. In every case, bytes appended to the `out`
@@ -165,6 +198,9 @@ struct Capture {
     client: Option<Secret>,
     server: Option<Secret>,
     sni: Option<String>,
+    /// rustls derived the handshake traffic secrets: from here on the client
+    /// sends only encrypted records (and change_cipher_spec).
+    handshake_keys: bool,
 }
 
 thread_local! {
@@ -217,6 +253,8 @@ fn with_current(f: impl FnOnce(&mut Capture)) {
 
 const CLIENT_LABEL: &str = "CLIENT_TRAFFIC_SECRET_0";
 const SERVER_LABEL: &str = "SERVER_TRAFFIC_SECRET_0";
+/// Logged when the handshake keys take effect; only the fact is kept.
+const CLIENT_HS_LABEL: &str = "CLIENT_HANDSHAKE_TRAFFIC_SECRET";
 
 /// The config-wide key log: hands the application traffic secrets to the
 /// connection being driven on this thread. Connections driven by other code
@@ -229,12 +267,13 @@ impl KeyLog for CaptureKeyLog {
         with_current(|c| match label {
             CLIENT_LABEL => c.client = Secret::from_slice(secret),
             SERVER_LABEL => c.server = Secret::from_slice(secret),
+            CLIENT_HS_LABEL => c.handshake_keys = true,
             _ => {}
         });
     }
 
     fn will_log(&self, label: &str) -> bool {
-        label == CLIENT_LABEL || label == SERVER_LABEL
+        label == CLIENT_LABEL || label == SERVER_LABEL || label == CLIENT_HS_LABEL
     }
 }
 
@@ -346,9 +385,15 @@ impl Handshake {
     /// an alert for the peer, and the connection must be closed.
     pub fn step(&mut self, out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
         let r = self.step_inner(out);
-        if r.is_err() {
+        if let Err(e) = &r {
+            let before = out.len();
             if let Some(conn) = self.conn.as_deref_mut() {
                 drain_alerts(conn, &mut self.input, out);
+            }
+            if out.len() == before {
+                if let Some(alert) = e.own_alert() {
+                    self.seal_own_alert(alert, out);
+                }
             }
             self.conn = None;
             self.input = Vec::new();
@@ -423,7 +468,7 @@ impl Handshake {
             match next? {
                 HandshakeStep::Continue => {}
                 HandshakeStep::Blocked => {
-                    if !self.hand_over() {
+                    if !self.hand_over()? {
                         return Ok(Progress::NeedInput);
                     }
                 }
@@ -435,27 +480,67 @@ impl Handshake {
     }
 
     /// Move bytes of the next record from `queue` to rustls's input, never
-    /// past the end of that record. False if there is nothing to move.
-    fn hand_over(&mut self) -> bool {
+    /// past the end of that record. False if there is nothing to move. A
+    /// record whose header breaks a rule of [`check_record_header`] fails
+    /// before rustls sees any of it.
+    fn hand_over(&mut self) -> Result<bool, HandshakeError> {
         let handshaking = self.conn.as_deref().is_some_and(|c| c.is_handshaking());
         if !handshaking {
-            return false;
+            return Ok(false);
         }
         if self.record_left == 0 {
             // Start of a record: its header says how long it is.
             let Some(header) = self.queue.get(..record::HEADER_LEN) else {
-                return false;
+                return Ok(false);
             };
-            self.record_left =
-                record::HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            check_record_header(header[0], len, self.capture.handshake_keys)?;
+            self.record_left = record::HEADER_LEN + len;
         }
         let n = self.record_left.min(self.queue.len());
         if n == 0 {
-            return false;
+            return Ok(false);
         }
         self.input.extend(self.queue.drain(..n));
         self.record_left -= n;
-        true
+        Ok(true)
+    }
+
+    /// Append the fatal alert for an error rustls sent no alert for.
+    ///
+    /// Before the handshake keys take effect the alert is a plaintext record.
+    /// After, rustls protects what it sends with the server application
+    /// traffic secret (it switches to it right after the server Finished,
+    /// which goes out in the same flight as the ServerHello), and has sealed
+    /// nothing with it yet: it sends the session tickets, the first records
+    /// under that secret, only once the client Finished is verified, and no
+    /// record is handed to rustls after that. So the alert is record 0 under
+    /// the captured server secret. If that secret is missing, nothing is sent.
+    fn seal_own_alert(&self, alert: AlertDescription, out: &mut Vec<u8>) {
+        if !self.capture.handshake_keys {
+            out.extend_from_slice(&[
+                ContentTypeByte::ALERT,
+                3,
+                3,
+                0,
+                2,
+                2, // fatal
+                alert as u8,
+            ]);
+            return;
+        }
+        let suite = self
+            .conn
+            .as_deref()
+            .and_then(|c| c.negotiated_cipher_suite())
+            .and_then(|s| Suite::from_rustls(s.suite()));
+        let (Some(suite), Some(secret)) = (suite, self.capture.server.as_ref()) else {
+            return;
+        };
+        let secret = secret.as_slice();
+        if let Ok(mut session) = LeanSession::new(suite, secret, 0, secret, 0) {
+            let _ = session.seal_alert(alert, out);
+        }
     }
 
     /// Turn the finished rustls connection into an [`Established`].
@@ -506,6 +591,46 @@ impl Handshake {
             resumed,
         })
     }
+}
+
+/// Outer content types of TLS records (RFC 8446 section 5.1).
+struct ContentTypeByte;
+
+impl ContentTypeByte {
+    const CHANGE_CIPHER_SPEC: u8 = 20;
+    const ALERT: u8 = 21;
+    const HANDSHAKE: u8 = 22;
+    const APPLICATION_DATA: u8 = 23;
+}
+
+/// The RFC 8446 section 5 rules on a record header that rustls does not
+/// enforce itself during the handshake:
+///
+/// - `TLSPlaintext.length` must not exceed 2^14, `TLSCiphertext.length`
+///   2^14 + 256: `record_overflow` (section 5.1, 5.2). rustls accepts records
+///   up to 2^14 + 2048 bytes and refuses larger ones with `decode_error`.
+/// - Once the handshake keys are in use the client sends only protected
+///   records (outer type application_data) and change_cipher_spec; a
+///   plaintext alert is still allowed (rustls accepts one while it has not
+///   decrypted anything, in case the client failed to derive the keys). A
+///   plaintext handshake record, e.g. an unencrypted Finished, is an
+///   unexpected record type: `unexpected_message` (section 5). rustls would
+///   try to decrypt it and answer `bad_record_mac`.
+/// - An unknown content type: `unexpected_message` (section 5).
+fn check_record_header(ty: u8, len: usize, handshake_keys: bool) -> Result<(), HandshakeError> {
+    let limit = match ty {
+        ContentTypeByte::APPLICATION_DATA => record::MAX_CIPHERTEXT,
+        ContentTypeByte::CHANGE_CIPHER_SPEC | ContentTypeByte::ALERT => record::MAX_PLAINTEXT,
+        ContentTypeByte::HANDSHAKE if handshake_keys => {
+            return Err(HandshakeError::PlaintextAfterKeys(ty))
+        }
+        ContentTypeByte::HANDSHAKE => record::MAX_PLAINTEXT,
+        _ => return Err(HandshakeError::UnknownContentType(ty)),
+    };
+    if len > limit {
+        return Err(HandshakeError::RecordOverflow { ty, len, limit });
+    }
+    Ok(())
 }
 
 /// Encode one handshake record into `out`, growing it to what rustls needs.

@@ -1264,6 +1264,56 @@ mod tests {
         }
     }
 
+    /// RFC 8446 section 5.4 and 6 rules on the inner plaintext, every suite:
+    /// zero-length application data (padded or not) is accepted and ignored,
+    /// content + padding may total exactly 2^14 bytes, one more is
+    /// `record_overflow`, an all-zero inner plaintext is `unexpected_message`,
+    /// an empty alert (padded or not) is `decode_error`.
+    #[test]
+    fn rfc8446_inner_plaintext_rules() {
+        use AlertDescription as A;
+        for suite in SUITES {
+            let (mut server, mut client) = pair(suite);
+            let mut wire = Vec::new();
+            client.seal_raw(b"", 23, 0, &mut wire).unwrap();
+            client.seal_raw(b"", 23, 1, &mut wire).unwrap();
+            client.seal_raw(b"", 23, MAX_PLAINTEXT, &mut wire).unwrap();
+            client
+                .seal_raw(b"hello", 23, MAX_PLAINTEXT - 5, &mut wire)
+                .unwrap();
+            let (r, data, out) = read_all(&mut server, &mut wire);
+            assert_eq!(
+                (r, data, out),
+                (Ok(StreamStatus::Open), b"hello".to_vec(), vec![])
+            );
+            assert_eq!(server.rx_seq(), 4);
+
+            type Make = fn(&mut LeanSession, &mut Vec<u8>);
+            let cases: [(Make, A); 5] = [
+                (
+                    |c, w| seal_oversized(c, MAX_PLAINTEXT + 2, w),
+                    A::RecordOverflow,
+                ),
+                (
+                    |c, w| c.seal_raw(&[0; 20], 0, 0, w).unwrap(),
+                    A::UnexpectedMessage,
+                ),
+                (
+                    |c, w| c.seal_raw(b"", 0, 0, w).unwrap(),
+                    A::UnexpectedMessage,
+                ),
+                (|c, w| c.seal_raw(b"", 21, 0, w).unwrap(), A::DecodeError),
+                (|c, w| c.seal_raw(b"", 21, 9, w).unwrap(), A::DecodeError),
+            ];
+            for (make, alert) in cases {
+                let (mut server, mut client) = pair(suite);
+                let mut wire = Vec::new();
+                make(&mut client, &mut wire);
+                expect_error(&mut wire, &mut server, alert);
+            }
+        }
+    }
+
     #[test]
     fn peer_alerts_end_the_stream_without_a_reply() {
         let (mut server, mut client) = pair(Suite::Aes128GcmSha256);

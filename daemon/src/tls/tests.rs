@@ -497,3 +497,197 @@ fn interleaved_handshakes_on_one_thread_keep_their_own_secrets() {
         exchange(e, client, &format!("connection {i}"));
     }
 }
+
+/// A client config that logs its secrets, and the log.
+fn logging_client(
+    suite: rustls::SupportedCipherSuite,
+) -> (
+    std::sync::Arc<rustls::ClientConfig>,
+    std::sync::Arc<SecretLog>,
+) {
+    let log = std::sync::Arc::new(SecretLog::default());
+    let mut cfg = (*client_config(&[suite])).clone();
+    cfg.key_log = log.clone();
+    (std::sync::Arc::new(cfg), log)
+}
+
+#[derive(Debug, Default)]
+struct SecretLog(std::sync::Mutex<Vec<(String, Vec<u8>)>>);
+
+impl rustls::KeyLog for SecretLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((label.to_owned(), secret.to_vec()));
+    }
+}
+
+impl SecretLog {
+    fn get(&self, label: &str) -> Vec<u8> {
+        let log = self.0.lock().unwrap();
+        log.iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| panic!("{label} not logged"))
+    }
+}
+
+/// Run a handshake up to the client Finished, which is returned unsent,
+/// with the server's handshake driver waiting for it.
+fn up_to_client_finished(
+    suite: rustls::SupportedCipherSuite,
+) -> (
+    Handshake,
+    ClientConnection,
+    Vec<u8>,
+    std::sync::Arc<SecretLog>,
+) {
+    let (cfg, log) = logging_client(suite);
+    let mut client = new_client(cfg);
+    let mut hs = Handshake::new(server_config(&[suite])).unwrap();
+    hs.feed(&client_output(&mut client));
+    let mut out = Vec::new();
+    assert!(matches!(hs.step(&mut out), Ok(Progress::NeedInput)));
+    client_input(&mut client, &out).expect("server flight");
+    assert!(!client.is_handshaking());
+    let finished = client_output(&mut client);
+    (hs, client, finished, log)
+}
+
+/// The suite's record layer id.
+fn lean_suite(suite: rustls::SupportedCipherSuite) -> super::record::Suite {
+    super::record::Suite::from_rustls(suite.suite()).unwrap()
+}
+
+#[test]
+fn client_hello_over_the_record_limit_is_record_overflow() {
+    use super::record::MAX_PLAINTEXT;
+    for len in [
+        MAX_PLAINTEXT + 1,
+        MAX_PLAINTEXT + 2048,
+        usize::from(u16::MAX),
+    ] {
+        let mut hs = Handshake::new(server_config(&ALL_SUITES)).unwrap();
+        // Only the header and the start of the body have arrived.
+        hs.feed(&[22, 3, 1, (len >> 8) as u8, len as u8, 1, 0, 0x40, 0]);
+        let mut out = Vec::new();
+        let err = hs.step(&mut out).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::RecordOverflow { ty: 22, .. }),
+            "{err}"
+        );
+        assert_eq!(out, [21, 3, 3, 0, 2, 2, 22], "{len}");
+    }
+    // Exactly 2^14 is a record rustls gets (and then refuses to parse).
+    let mut hs = Handshake::new(server_config(&ALL_SUITES)).unwrap();
+    hs.feed(&[22, 3, 1, 0x40, 0]);
+    assert!(matches!(hs.step(&mut Vec::new()), Ok(Progress::NeedInput)));
+}
+
+#[test]
+fn unknown_record_type_is_unexpected_message() {
+    let mut hs = Handshake::new(server_config(&ALL_SUITES)).unwrap();
+    hs.feed(&[24, 3, 3, 0, 1, 0]);
+    let mut out = Vec::new();
+    let err = hs.step(&mut out).unwrap_err();
+    assert!(
+        matches!(err, HandshakeError::UnknownContentType(24)),
+        "{err}"
+    );
+    assert_eq!(out, [21, 3, 3, 0, 2, 2, 10]);
+}
+
+/// The client Finished as a plaintext handshake record: `unexpected_message`,
+/// sealed under the server's application key, which the client opens.
+#[test]
+fn plaintext_finished_is_unexpected_message_every_suite() {
+    for suite in ALL_SUITES {
+        let (mut hs, mut client, flight, log) = up_to_client_finished(suite);
+        let mut peer = LeanSession::new(
+            lean_suite(suite),
+            &log.get("SERVER_HANDSHAKE_TRAFFIC_SECRET"),
+            0,
+            &log.get("CLIENT_HANDSHAKE_TRAFFIC_SECRET"),
+            0,
+        )
+        .unwrap()
+        .mirror();
+        // The Finished is the flight's last record (after a CCS, if any).
+        let mut last = flight.clone();
+        let mut start = 0;
+        while start + 5 + usize::from(u16::from_be_bytes([last[start + 3], last[start + 4]]))
+            < last.len()
+        {
+            start += 5 + usize::from(u16::from_be_bytes([last[start + 3], last[start + 4]]));
+        }
+        let mut finished = last.split_off(start);
+        let opened = peer.open(&mut finished).expect("client Finished opens");
+        assert_eq!(opened.content_type, 22);
+        let msg = finished[opened.plaintext].to_vec();
+        assert_eq!(msg[0], 20, "finished");
+        let mut wire = vec![22, 3, 3, 0, msg.len() as u8];
+        wire.extend_from_slice(&msg);
+        hs.feed(&wire);
+        let mut out = Vec::new();
+        let err = hs.step(&mut out).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::PlaintextAfterKeys(22)),
+            "{err}"
+        );
+        assert_eq!(
+            client_input(&mut client, &out).unwrap_err(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage),
+            "{suite:?}"
+        );
+    }
+}
+
+/// An encrypted record that is all zeros inside, in place of the Finished:
+/// rustls refuses it without an alert; the driver sends `unexpected_message`.
+#[test]
+fn all_zero_inner_plaintext_during_the_handshake_is_unexpected_message() {
+    for suite in ALL_SUITES {
+        let (mut hs, mut client, _flight, log) = up_to_client_finished(suite);
+        let hs_secret = log.get("CLIENT_HANDSHAKE_TRAFFIC_SECRET");
+        let mut sender = LeanSession::new(lean_suite(suite), &hs_secret, 0, &hs_secret, 0).unwrap();
+        let mut wire = Vec::new();
+        sender.seal_raw(b"", 0, 7, &mut wire).unwrap();
+        hs.feed(&wire);
+        let mut out = Vec::new();
+        let err = hs.step(&mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HandshakeError::Tls(rustls::Error::PeerMisbehaved(
+                    rustls::PeerMisbehaved::IllegalTlsInnerPlaintext
+                ))
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            client_input(&mut client, &out).unwrap_err(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage),
+            "{suite:?}"
+        );
+    }
+}
+
+/// A tampered tag on the client Finished: rustls's `bad_record_mac` reaches
+/// the client, and the driver adds nothing after it.
+#[test]
+fn corrupted_finished_tag_is_bad_record_mac_every_suite() {
+    for suite in ALL_SUITES {
+        let (mut hs, mut client, mut flight, _log) = up_to_client_finished(suite);
+        let n = flight.len();
+        flight[n - 1] ^= 0x80;
+        hs.feed(&flight);
+        let mut out = Vec::new();
+        assert!(hs.step(&mut out).is_err());
+        assert_eq!(
+            client_input(&mut client, &out).unwrap_err(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac),
+            "{suite:?}"
+        );
+    }
+}
