@@ -380,3 +380,80 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
         heap_bytes: heap_bytes(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(shard: usize) -> ShardSnapshot {
+        let c = Counters::default();
+        c.heartbeats.inc();
+        c.error_sent(ErrorCode::ALL[0]);
+        c.snapshot(shard, 2, 1, 3, 1, 0)
+    }
+
+    #[test]
+    fn sums_shards_and_keeps_the_documented_keys() {
+        let stats = Stats::aggregate(
+            ProcessFigures {
+                shards: 2,
+                ..Default::default()
+            },
+            vec![snapshot(0), snapshot(1)],
+        );
+        assert_eq!(stats.connections, 4);
+        assert_eq!(stats.heartbeats_total, 2);
+        assert_eq!(stats.errors_sent[ErrorCode::ALL[0].name()], 2);
+        assert_eq!(stats.errors_sent.len(), ErrorCode::ALL.len());
+        assert_eq!(stats.state, vec![None, None]);
+        let json = stats.to_json();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        // docs/control-socket.md, `stats`: every key, nothing more.
+        let mut want = vec![
+            "pid",
+            "version",
+            "listen",
+            "shards",
+            "uptime_s",
+            "connections",
+            "sessions",
+            "agents_online",
+            "agents_in_grace",
+            "agents_known",
+            "presumed_online",
+            "accepted_total",
+            "accept_errors_total",
+            "handshakes_total",
+            "handshakes_resumed_total",
+            "handshakes_in_flight",
+            "admission_rejected_total",
+            "handshake_failures_total",
+            "handshake_timeouts_total",
+            "hellos_total",
+            "heartbeats_total",
+            "timeouts_total",
+            "byes_total",
+            "errors_sent",
+            "events_next_seq",
+            "events_oldest_seq",
+            "events_by_reason",
+            "guard",
+            "record_layer",
+            "tickets",
+            "state",
+            "reload",
+            "rss_bytes",
+            "heap_bytes",
+            "per_shard",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(json["per_shard"][1]["shard"], 1);
+        assert!(json["guard"].is_null());
+    }
+}

@@ -53,12 +53,12 @@ pub mod wire;
 mod tests;
 
 pub use machine::{
-    run_source, run_target, FailKind, GlobalState, ShardSnapshot, Source, SourceOutcome, Target,
-    TargetOutcome, UpgradeError, UpgradeStep,
+    run_source, run_target, FailKind, GlobalState, ListenerError, ShardSnapshot, Source,
+    SourceOutcome, Target, TargetOutcome, UpgradeError, UpgradeStep,
 };
 pub use manifest::{
-    ConnHandoff, EventHandoff, Manifest, ManifestError, PresenceRecordHandoff, TicketKeys,
-    TlsState, PROTOCOL,
+    ConnError, ConnHandoff, EventHandoff, Manifest, ManifestError, PresenceRecordHandoff,
+    RecordError, TicketKeys, TlsState, TlsStateError, PROTOCOL,
 };
 
 /// How long each wait for the peer may take during a hand-over (both sides).
