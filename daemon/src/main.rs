@@ -236,7 +236,8 @@ fn take_over(
     shutdown: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
 ) -> anyhow::Result<server::Prepared> {
-    use presenced::control::upgrade::{DaemonTarget, STEP_TIMEOUT};
+    use presenced::process::adopt::DaemonTarget;
+    use presenced::upgrade::STEP_TIMEOUT;
     let mut target = DaemonTarget::new(config.clone());
     let outcome = presenced::upgrade::machine::run_target(sock, &mut target, STEP_TIMEOUT)
         .context("taking over from the running daemon")?;
@@ -250,7 +251,7 @@ fn take_over(
     let listen = target
         .listeners
         .first()
-        .and_then(server::bound_addr)
+        .and_then(presenced::process::listen::bound_addr)
         .context("handed-over listener has no address")?;
     let listeners = std::mem::take(&mut target.listeners);
     let adopted = std::mem::take(&mut target.adopted);

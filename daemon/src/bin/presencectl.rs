@@ -641,7 +641,17 @@ fn stats_table(v: &Value) -> String {
         uptime(&v["uptime_s"])
     ));
     line(String::new());
-    let kv: Vec<(&str, String)> = vec![
+    for (k, val) in stats_summary(v) {
+        line(format!("{k:<15} {val}"));
+    }
+    line(String::new());
+    s.push_str(&shard_table(v));
+    s
+}
+
+/// The daemon-wide figures, one labelled line each.
+fn stats_summary(v: &Value) -> Vec<(&'static str, String)> {
+    vec![
         (
             "agents online",
             format!(
@@ -700,11 +710,16 @@ fn stats_table(v: &Value) -> String {
             ),
         ),
         ("reload", reload_line(&v["reload"])),
-    ];
-    for (k, val) in kv {
-        line(format!("{k:<15} {val}"));
-    }
-    line(String::new());
+    ]
+}
+
+/// One row per shard.
+fn shard_table(v: &Value) -> String {
+    let mut s = String::new();
+    let mut line = |t: String| {
+        s.push_str(&t);
+        s.push('\n');
+    };
     line(format!(
         "{:>5} {:>9} {:>9} {:>8} {:>6} {:>9} {:>10} {:>11} {:>9} {:>12} {:>8} {:>8}",
         "shard",

@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::control::prometheus::CONTENT_TYPE;
@@ -27,6 +28,21 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest control-socket reply accepted (the text for 1024 shards is < 8 MiB).
 const MAX_REPLY: u64 = 64 << 20;
+
+/// Why a scrape got no metrics (answered with 503 and this text).
+#[derive(Debug, Error)]
+pub enum ScrapeError {
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A JSON error object instead of the text format.
+    #[error("the daemon answered: {0}")]
+    Daemon(String),
+    #[error("control socket {path}: empty reply")]
+    Empty { path: PathBuf },
+}
 
 /// Bind `listen` now (so a bad address fails the start-up) and serve
 /// `GET /metrics` on a background thread named `metrics-http`.
@@ -115,8 +131,11 @@ fn text(code: u16, body: String) -> tiny_http::Response<std::io::Cursor<Vec<u8>>
 }
 
 /// Ask the control socket for `metrics`.
-fn query(control_socket: &Path) -> Result<String, String> {
-    let err = |e: std::io::Error| format!("control socket {}: {e}", control_socket.display());
+fn query(control_socket: &Path) -> Result<String, ScrapeError> {
+    let err = |source| ScrapeError::Io {
+        path: control_socket.to_owned(),
+        source,
+    };
     let mut s = UnixStream::connect(control_socket).map_err(err)?;
     s.set_read_timeout(Some(CONTROL_TIMEOUT)).map_err(err)?;
     s.set_write_timeout(Some(CONTROL_TIMEOUT)).map_err(err)?;
@@ -124,14 +143,12 @@ fn query(control_socket: &Path) -> Result<String, String> {
     let mut body = String::new();
     s.take(MAX_REPLY).read_to_string(&mut body).map_err(err)?;
     if body.starts_with('{') {
-        // A JSON error object instead of the text format.
-        return Err(format!("the daemon answered: {}", body.trim()));
+        return Err(ScrapeError::Daemon(body.trim().to_owned()));
     }
     if body.is_empty() {
-        return Err(format!(
-            "control socket {}: empty reply",
-            control_socket.display()
-        ));
+        return Err(ScrapeError::Empty {
+            path: control_socket.to_owned(),
+        });
     }
     Ok(body)
 }

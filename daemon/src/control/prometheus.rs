@@ -1,5 +1,6 @@
-//! Prometheus text exposition (format 0.0.4) rendered from the `stats` object
-//! (`control::gather_stats`), so `metrics` and `stats` can never disagree.
+//! Prometheus text exposition (format 0.0.4) rendered from the typed
+//! [`Stats`] that `stats` also serializes (`control::stats::gather_stats`),
+//! so `metrics` and `stats` can never disagree.
 //!
 //! Naming (documented in `docs/operations.md`):
 //!
@@ -12,122 +13,166 @@
 //! - Counters end in `_total`; breakdowns use the labels `reason`, `code`
 //!   and `state`.
 //!
-//! Keys missing from the stats object are skipped (a family with no sample is
-//! not emitted), so an older or newer daemon still renders valid text.
+//! A family with no sample (e.g. the guard's on a daemon without one, or a
+//! figure that is `None`) is not emitted.
 
 use std::fmt::Write;
 
-use serde_json::{Map, Value};
+use crate::control::stats::{LatencySummary, ShardSnapshot, Stats};
 
 /// The `Content-Type` of the text this module renders.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Quantiles of a latency summary, with the `LatencySummary` key for each.
-const QUANTILES: [(&str, &str); 4] = [
-    ("0.5", "p50_us"),
-    ("0.9", "p90_us"),
-    ("0.99", "p99_us"),
-    ("0.999", "p999_us"),
+/// A figure every shard reports, emitted as a daemon-wide family and a
+/// per-shard one.
+struct Figure {
+    /// Metric name without the `presenced_` / `presenced_shard_` prefix.
+    name: &'static str,
+    help: &'static str,
+    /// The daemon-wide value; `None`: the sum of the shards' values (for
+    /// figures `stats` reports per shard only, like the accept queue).
+    total: Option<fn(&Stats) -> u64>,
+    shard: fn(&ShardSnapshot) -> Option<u64>,
+}
+
+/// Per-shard gauges.
+const GAUGES: &[Figure] = &[
+    Figure {
+        name: "connections",
+        help: "Open agent TCP connections, in any phase.",
+        total: Some(|s| s.connections),
+        shard: |s| Some(s.connections),
+    },
+    Figure {
+        name: "sessions",
+        help: "Open connections past HELLO.",
+        total: Some(|s| s.sessions),
+        shard: |s| Some(s.sessions),
+    },
+    Figure {
+        name: "agents_online",
+        help: "Agents reported online (connected or in grace).",
+        total: Some(|s| s.agents_online),
+        shard: |s| Some(s.agents_online),
+    },
+    Figure {
+        name: "agents_in_grace",
+        help: "Agents whose connection dropped without BYE, within offline_grace.",
+        total: Some(|s| s.agents_in_grace),
+        shard: |s| Some(s.agents_in_grace),
+    },
+    Figure {
+        name: "agents_known",
+        help: "Presence records held (online, grace and offline).",
+        total: Some(|s| s.agents_known),
+        shard: |s| Some(s.agents_known),
+    },
+    Figure {
+        name: "accept_queue",
+        help: "Connections waiting in the listen socket's accept queue.",
+        total: None,
+        shard: |s| s.accept_queue.map(u64::from),
+    },
+    Figure {
+        name: "accept_backlog",
+        help: "Capacity of the listen socket's accept queue (backlog, capped by somaxconn).",
+        total: None,
+        shard: |s| s.accept_backlog.map(u64::from),
+    },
+    Figure {
+        name: "handshakes_in_flight",
+        help: "TLS handshakes in progress.",
+        total: Some(|s| s.handshakes_in_flight),
+        shard: |s| Some(s.handshakes_in_flight),
+    },
+    Figure {
+        name: "presumed_online",
+        help: "Agents presumed online after a restart that have not reconnected yet.",
+        total: Some(|s| s.presumed_online),
+        shard: |s| Some(s.presumed_online),
+    },
 ];
 
-/// Per-shard counters: (stats key, metric name without prefix, help).
-const COUNTERS: &[(&str, &str, &str)] = &[
-    (
-        "accepted_total",
-        "accepted_total",
-        "TCP connections accepted.",
-    ),
-    (
-        "accept_errors_total",
-        "accept_errors_total",
-        "accept() failures (e.g. EMFILE: raise LimitNOFILE).",
-    ),
-    (
-        "handshakes_total",
-        "handshakes_total",
-        "Completed TLS handshakes.",
-    ),
-    (
-        "handshake_failures_total",
-        "handshake_failures_total",
-        "Failed TLS handshakes (bad TLS, wrong ALPN, closed, timed out, shutdown).",
-    ),
-    (
-        "handshake_timeouts_total",
-        "handshake_timeouts_total",
-        "TLS handshakes ended by tls.handshake_timeout (also counted in failures).",
-    ),
-    (
-        "hellos_total",
-        "hellos_total",
-        "HELLOs accepted (sessions started).",
-    ),
-    (
-        "heartbeats_total",
-        "heartbeats_total",
-        "HEARTBEAT frames received.",
-    ),
-    (
-        "timeouts_total",
-        "session_timeouts_total",
-        "Sessions closed for silence (offline reason timeout).",
-    ),
-    ("byes_total", "byes_total", "BYE frames received."),
-    (
-        "handshakes_resumed_total",
-        "handshakes_resumed_total",
-        "TLS handshakes that resumed a session with a ticket (full = handshakes_total - this).",
-    ),
-    (
-        "admission_rejected_total",
-        "admission_rejected_total",
-        "Connections closed before TLS by admission control (handshake caps).",
-    ),
+/// Per-shard counters.
+const COUNTERS: &[Figure] = &[
+    Figure {
+        name: "accepted_total",
+        help: "TCP connections accepted.",
+        total: Some(|s| s.accepted_total),
+        shard: |s| Some(s.accepted_total),
+    },
+    Figure {
+        name: "accept_errors_total",
+        help: "accept() failures (e.g. EMFILE: raise LimitNOFILE).",
+        total: Some(|s| s.accept_errors_total),
+        shard: |s| Some(s.accept_errors_total),
+    },
+    Figure {
+        name: "handshakes_total",
+        help: "Completed TLS handshakes.",
+        total: Some(|s| s.handshakes_total),
+        shard: |s| Some(s.handshakes_total),
+    },
+    Figure {
+        name: "handshake_failures_total",
+        help: "Failed TLS handshakes (bad TLS, wrong ALPN, closed, timed out, shutdown).",
+        total: Some(|s| s.handshake_failures_total),
+        shard: |s| Some(s.handshake_failures_total),
+    },
+    Figure {
+        name: "handshake_timeouts_total",
+        help: "TLS handshakes ended by tls.handshake_timeout (also counted in failures).",
+        total: Some(|s| s.handshake_timeouts_total),
+        shard: |s| Some(s.handshake_timeouts_total),
+    },
+    Figure {
+        name: "hellos_total",
+        help: "HELLOs accepted (sessions started).",
+        total: Some(|s| s.hellos_total),
+        shard: |s| Some(s.hellos_total),
+    },
+    Figure {
+        name: "heartbeats_total",
+        help: "HEARTBEAT frames received.",
+        total: Some(|s| s.heartbeats_total),
+        shard: |s| Some(s.heartbeats_total),
+    },
+    Figure {
+        name: "session_timeouts_total",
+        help: "Sessions closed for silence (offline reason timeout).",
+        total: Some(|s| s.timeouts_total),
+        shard: |s| Some(s.timeouts_total),
+    },
+    Figure {
+        name: "byes_total",
+        help: "BYE frames received.",
+        total: Some(|s| s.byes_total),
+        shard: |s| Some(s.byes_total),
+    },
+    Figure {
+        name: "handshakes_resumed_total",
+        help:
+            "TLS handshakes that resumed a session with a ticket (full = handshakes_total - this).",
+        total: Some(|s| s.handshakes_resumed_total),
+        shard: |s| Some(s.handshakes_resumed_total),
+    },
+    Figure {
+        name: "admission_rejected_total",
+        help: "Connections closed before TLS by admission control (handshake caps).",
+        total: Some(|s| s.admission_rejected_total),
+        shard: |s| Some(s.admission_rejected_total),
+    },
 ];
 
-/// Per-shard gauges: (stats key, metric name without prefix, help).
-const GAUGES: &[(&str, &str, &str)] = &[
-    (
-        "connections",
-        "connections",
-        "Open agent TCP connections, in any phase.",
-    ),
-    ("sessions", "sessions", "Open connections past HELLO."),
-    (
-        "agents_online",
-        "agents_online",
-        "Agents reported online (connected or in grace).",
-    ),
-    (
-        "agents_in_grace",
-        "agents_in_grace",
-        "Agents whose connection dropped without BYE, within offline_grace.",
-    ),
-    (
-        "agents_known",
-        "agents_known",
-        "Presence records held (online, grace and offline).",
-    ),
-    (
-        "accept_queue",
-        "accept_queue",
-        "Connections waiting in the listen socket's accept queue.",
-    ),
-    (
-        "accept_backlog",
-        "accept_backlog",
-        "Capacity of the listen socket's accept queue (backlog, capped by somaxconn).",
-    ),
-    (
-        "handshakes_in_flight",
-        "handshakes_in_flight",
-        "TLS handshakes in progress.",
-    ),
-    (
-        "presumed_online",
-        "presumed_online",
-        "Agents presumed online after a restart that have not reconnected yet.",
-    ),
+/// Quantiles of a latency summary, with the field of `LatencySummary` for each.
+/// Reads one figure of a latency summary.
+type LatencyField = fn(&LatencySummary) -> u64;
+
+const QUANTILES: [(&str, LatencyField); 4] = [
+    ("0.5", |l| l.p50_us),
+    ("0.9", |l| l.p90_us),
+    ("0.99", |l| l.p99_us),
+    ("0.999", |l| l.p999_us),
 ];
 
 /// Label pairs of one sample, in output order.
@@ -150,6 +195,20 @@ impl Family {
             kind,
             samples: Vec::new(),
         }
+    }
+
+    /// A family of one unlabelled sample (none when `value` is `None`).
+    fn single(
+        name: &str,
+        kind: &'static str,
+        help: &'static str,
+        value: Option<impl ToString>,
+    ) -> Self {
+        let mut f = Self::new(name, kind, help);
+        if let Some(v) = value {
+            f.push(vec![], v.to_string());
+        }
+        f
     }
 
     fn push(&mut self, labels: Labels, value: impl Into<String>) {
@@ -194,395 +253,293 @@ fn escape_label(s: &str) -> String {
         .replace('"', "\\\"")
 }
 
-/// A JSON number as a sample value (`None` for anything else, e.g. null).
-fn num(v: &Value) -> Option<String> {
-    if let Some(u) = v.as_u64() {
-        Some(u.to_string())
-    } else if let Some(i) = v.as_i64() {
-        Some(i.to_string())
-    } else {
-        v.as_f64().filter(|f| f.is_finite()).map(fmt_f64)
-    }
-}
-
 fn fmt_f64(f: f64) -> String {
     // Rust's Display never uses an exponent and round-trips; Go parses it.
     format!("{f}")
 }
 
-fn micros_to_seconds(v: &Value) -> Option<String> {
-    v.as_u64().map(|us| fmt_f64(us as f64 / 1e6))
+fn micros_to_seconds(us: u64) -> String {
+    fmt_f64(us as f64 / 1e6)
 }
 
-fn shard_label(snap: &Value, index: usize) -> String {
-    snap["shard"]
-        .as_u64()
-        .map_or_else(|| index.to_string(), |s| s.to_string())
+fn shard_label(snap: &ShardSnapshot) -> (&'static str, String) {
+    ("shard", snap.shard.to_string())
 }
 
-/// Split "online:hello" into ("online", "hello"); a key without a colon is a bare reason.
-fn state_reason(key: &str) -> (String, String) {
-    match key.split_once(':') {
-        Some((state, reason)) => (state.to_owned(), reason.to_owned()),
-        None => (String::new(), key.to_owned()),
-    }
-}
-
-/// Handshake failures of one stats object (totals or one shard) by reason:
-/// the `handshake_failures_by_reason` map when the daemon reports one, else
-/// `timeout` and `other` from the two counters every daemon has.
-fn handshake_failures_by_reason(obj: &Value) -> Vec<(String, String)> {
-    if let Some(map) = obj["handshake_failures_by_reason"].as_object() {
-        return map
-            .iter()
-            .filter_map(|(k, v)| num(v).map(|n| (k.clone(), n)))
-            .collect();
-    }
-    let (Some(all), Some(timeouts)) = (
-        obj["handshake_failures_total"].as_u64(),
-        obj["handshake_timeouts_total"].as_u64(),
-    ) else {
-        return Vec::new();
-    };
-    vec![
-        ("timeout".to_owned(), timeouts.to_string()),
-        ("other".to_owned(), all.saturating_sub(timeouts).to_string()),
-    ]
-}
-
-fn map_entries(v: &Value) -> Vec<(String, String)> {
-    v.as_object()
-        .map(Map::iter)
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| num(v).map(|n| (k.clone(), n)))
-        .collect()
-}
-
-/// Sum of a per-shard map key over every shard (for daemons that report a
-/// breakdown per shard only).
-fn summed_map(per_shard: &[Value], key: &str) -> Option<Value> {
-    let mut acc = Map::new();
-    let mut any = false;
-    for snap in per_shard {
-        if let Some(m) = snap[key].as_object() {
-            any = true;
-            for (k, v) in m {
-                let cur = acc.get(k).and_then(Value::as_u64).unwrap_or(0);
-                acc.insert(k.clone(), Value::from(cur + v.as_u64().unwrap_or(0)));
-            }
+/// Render `stats` as Prometheus text (format 0.0.4).
+pub fn render(stats: &Stats) -> String {
+    let mut families = process_families(stats);
+    families.extend(guard_families(stats));
+    for (figures, kind) in [(GAUGES, "gauge"), (COUNTERS, "counter")] {
+        for figure in figures {
+            families.extend(figure_families(stats, figure, kind));
         }
     }
-    any.then_some(Value::Object(acc))
+    families.extend(breakdown_families(stats));
+    families.extend(reload_families(stats));
+    families.extend(latency_families(stats));
+    let mut out = String::with_capacity(8192 + stats.per_shard.len() * 4096);
+    for f in &families {
+        f.write(&mut out);
+    }
+    out
 }
 
-/// Render the `stats` JSON as Prometheus text (format 0.0.4).
-pub fn render(stats: &Value) -> String {
-    let per_shard: Vec<Value> = stats["per_shard"].as_array().cloned().unwrap_or_default();
-    let mut families: Vec<Family> = Vec::new();
-
-    // --- process-wide ------------------------------------------------------
+/// Version, address, shard count, uptime, memory, event sequence numbers.
+fn process_families(stats: &Stats) -> Vec<Family> {
     let mut info = Family::new(
         "info",
         "gauge",
         "Daemon version and bound address (value 1).",
     );
-    let mut labels = Vec::new();
-    if let Some(v) = stats["version"].as_str() {
-        labels.push(("version", v.to_owned()));
-    }
-    if let Some(l) = stats["listen"].as_str() {
-        labels.push(("listen", l.to_owned()));
-    }
-    if stats.is_object() {
-        info.push(labels, "1");
-    }
-    families.push(info);
-
-    for (key, name, help) in [
-        ("shards", "shards", "Number of shards (executor threads)."),
-        (
-            "uptime_s",
+    info.push(
+        vec![
+            ("version", stats.version.to_owned()),
+            ("listen", stats.listen.clone()),
+        ],
+        "1",
+    );
+    vec![
+        info,
+        Family::single(
+            "shards",
+            "gauge",
+            "Number of shards (executor threads).",
+            Some(stats.shards),
+        ),
+        Family::single(
             "uptime_seconds",
+            "gauge",
             "Seconds since the daemon started.",
+            Some(stats.uptime_s),
         ),
-        (
-            "rss_bytes",
+        Family::single(
             "resident_memory_bytes",
+            "gauge",
             "Resident set size of the daemon process.",
+            stats.rss_bytes,
         ),
-        (
+        Family::single(
             "heap_bytes",
-            "heap_bytes",
+            "gauge",
             "Live heap bytes allocated through jemalloc.",
+            stats.heap_bytes,
         ),
-        (
+        Family::single(
             "events_next_seq",
-            "events_next_seq",
+            "gauge",
             "The seq the next presence event will get.",
+            Some(stats.events_next_seq),
         ),
-        (
+        Family::single(
             "events_oldest_seq",
-            "events_oldest_seq",
+            "gauge",
             "The oldest presence event seq still held for `events from`.",
+            Some(stats.events_oldest_seq),
         ),
-    ] {
-        let mut f = Family::new(name, "gauge", help);
-        if let Some(v) = num(&stats[key]) {
-            f.push(vec![], v);
-        }
-        families.push(f);
-    }
+    ]
+}
 
-    // --- the mass-offline guard (event shard) ---------------------------------
-    {
-        let g = &stats["guard"];
-        let active = match g["state"].as_str() {
-            Some("active") => Some("1"),
-            Some(_) => Some("0"),
-            None => None,
-        };
-        let mut f = Family::new(
+/// The mass-offline guard (event shard); no samples without a guard.
+fn guard_families(stats: &Stats) -> Vec<Family> {
+    let g = stats.guard.as_ref();
+    vec![
+        Family::single(
             "guard_active",
             "gauge",
             "1 while the mass-offline guard holds offline events as suspect.",
+            g.map(|g| if g.state == "active" { "1" } else { "0" }),
+        ),
+        Family::single(
+            "guard_held",
+            "gauge",
+            "Offline events held as suspect now.",
+            g.map(|g| g.held),
+        ),
+        Family::single(
+            "guard_activations_total",
+            "counter",
+            "Times the guard activated.",
+            g.map(|g| g.activations_total),
+        ),
+        Family::single(
+            "guard_held_events_total",
+            "counter",
+            "Offline events ever held.",
+            g.map(|g| g.held_total),
+        ),
+        Family::single(
+            "guard_released_total",
+            "counter",
+            "Held offline events published after the surge (or by an operator).",
+            g.map(|g| g.released_total),
+        ),
+        Family::single(
+            "guard_suppressed_total",
+            "counter",
+            "Held offline events dropped because the agent came back.",
+            g.map(|g| g.suppressed_total),
+        ),
+    ]
+}
+
+/// A per-shard figure: the daemon-wide family, then the per-shard one.
+fn figure_families(stats: &Stats, figure: &Figure, kind: &'static str) -> [Family; 2] {
+    let mut total = Family::new(figure.name, kind, figure.help);
+    let mut shard = Family::new(&format!("shard_{}", figure.name), kind, figure.help);
+    let values: Vec<(&ShardSnapshot, u64)> = stats
+        .per_shard
+        .iter()
+        .filter_map(|s| (figure.shard)(s).map(|v| (s, v)))
+        .collect();
+    let sum = match figure.total {
+        Some(total) => Some(total(stats)),
+        None => (!values.is_empty()).then(|| values.iter().map(|(_, v)| v).sum()),
+    };
+    if let Some(v) = sum {
+        total.push(vec![], v.to_string());
+    }
+    for (snap, v) in values {
+        shard.push(vec![shard_label(snap)], v.to_string());
+    }
+    [total, shard]
+}
+
+/// Handshake failures by reason, protocol errors by code, presence events
+/// by state and reason.
+fn breakdown_families(stats: &Stats) -> Vec<Family> {
+    let help = "Failed TLS handshakes by reason (`other` = not a timeout, when the daemon does not break it down further).";
+    let mut hs_total = Family::new("handshake_failures_by_reason_total", "counter", help);
+    let mut hs_shard = Family::new("shard_handshake_failures_by_reason_total", "counter", help);
+    let by_reason = |failures: u64, timeouts: u64| {
+        [
+            ("timeout", timeouts),
+            ("other", failures.saturating_sub(timeouts)),
+        ]
+    };
+    for (reason, v) in by_reason(
+        stats.handshake_failures_total,
+        stats.handshake_timeouts_total,
+    ) {
+        hs_total.push(vec![("reason", reason.to_owned())], v.to_string());
+    }
+    for snap in &stats.per_shard {
+        for (reason, v) in by_reason(snap.handshake_failures_total, snap.handshake_timeouts_total) {
+            hs_shard.push(
+                vec![shard_label(snap), ("reason", reason.to_owned())],
+                v.to_string(),
+            );
+        }
+    }
+
+    let help = "ERROR frames sent to agents, by protocol error code name.";
+    let mut err_total = Family::new("protocol_errors_sent_total", "counter", help);
+    let mut err_shard = Family::new("shard_protocol_errors_sent_total", "counter", help);
+    for (code, v) in &stats.errors_sent {
+        err_total.push(vec![("code", (*code).to_owned())], v.to_string());
+    }
+    for snap in &stats.per_shard {
+        for (code, v) in &snap.errors_sent {
+            err_shard.push(
+                vec![shard_label(snap), ("code", (*code).to_owned())],
+                v.to_string(),
+            );
+        }
+    }
+
+    // Presence events are counted on the event shard: daemon-wide only.
+    let mut events = Family::new(
+        "presence_events_total",
+        "counter",
+        "Presence events published, by new state and reason (hello; bye, timeout, disconnect).",
+    );
+    for (key, v) in &stats.events_by_reason {
+        let (state, reason) = key.split_once(':').unwrap_or(("", key));
+        events.push(
+            vec![("state", state.to_owned()), ("reason", reason.to_owned())],
+            v.to_string(),
         );
-        if let Some(v) = active {
-            f.push(vec![], v);
-        }
-        families.push(f);
-        for (key, name, kind, help) in [
-            (
-                "held",
-                "guard_held",
-                "gauge",
-                "Offline events held as suspect now.",
-            ),
-            (
-                "activations_total",
-                "guard_activations_total",
-                "counter",
-                "Times the guard activated.",
-            ),
-            (
-                "held_total",
-                "guard_held_events_total",
-                "counter",
-                "Offline events ever held.",
-            ),
-            (
-                "released_total",
-                "guard_released_total",
-                "counter",
-                "Held offline events published after the surge (or by an operator).",
-            ),
-            (
-                "suppressed_total",
-                "guard_suppressed_total",
-                "counter",
-                "Held offline events dropped because the agent came back.",
-            ),
-        ] {
-            let mut f = Family::new(name, kind, help);
-            if let Some(v) = num(&g[key]) {
-                f.push(vec![], v);
-            }
-            families.push(f);
-        }
     }
+    vec![hs_total, hs_shard, err_total, err_shard, events]
+}
 
-    // --- gauges and counters: total + per shard ------------------------------
-    for (key, name, help) in GAUGES {
-        let mut total = Family::new(name, "gauge", help);
-        let mut shard = Family::new(&format!("shard_{name}"), "gauge", help);
-        match num(&stats[key]) {
-            Some(v) => total.push(vec![], v),
-            None => {
-                // Some figures (accept queue) are per shard only: sum them.
-                let vals: Vec<u64> = per_shard.iter().filter_map(|s| s[key].as_u64()).collect();
-                if !vals.is_empty() {
-                    total.push(vec![], vals.iter().sum::<u64>().to_string());
-                }
-            }
-        }
-        for (i, snap) in per_shard.iter().enumerate() {
-            if let Some(v) = num(&snap[key]) {
-                shard.push(vec![("shard", shard_label(snap, i))], v);
-            }
-        }
-        families.push(total);
-        families.push(shard);
-    }
-    for (key, name, help) in COUNTERS {
-        let mut total = Family::new(name, "counter", help);
-        let mut shard = Family::new(&format!("shard_{name}"), "counter", help);
-        if let Some(v) = num(&stats[key]) {
-            total.push(vec![], v);
-        }
-        for (i, snap) in per_shard.iter().enumerate() {
-            if let Some(v) = num(&snap[key]) {
-                shard.push(vec![("shard", shard_label(snap, i))], v);
-            }
-        }
-        families.push(total);
-        families.push(shard);
-    }
-
-    // --- breakdowns ---------------------------------------------------------
-    {
-        let help = "Failed TLS handshakes by reason (`other` = not a timeout, when the daemon does not break it down further).";
-        let mut total = Family::new("handshake_failures_by_reason_total", "counter", help);
-        let mut shard = Family::new("shard_handshake_failures_by_reason_total", "counter", help);
-        for (reason, v) in handshake_failures_by_reason(stats) {
-            total.push(vec![("reason", reason)], v);
-        }
-        for (i, snap) in per_shard.iter().enumerate() {
-            for (reason, v) in handshake_failures_by_reason(snap) {
-                shard.push(vec![("shard", shard_label(snap, i)), ("reason", reason)], v);
-            }
-        }
-        families.push(total);
-        families.push(shard);
-    }
-    {
-        let help = "ERROR frames sent to agents, by protocol error code name.";
-        let mut total = Family::new("protocol_errors_sent_total", "counter", help);
-        let mut shard = Family::new("shard_protocol_errors_sent_total", "counter", help);
-        for (code, v) in map_entries(&stats["errors_sent"]) {
-            total.push(vec![("code", code)], v);
-        }
-        for (i, snap) in per_shard.iter().enumerate() {
-            for (code, v) in map_entries(&snap["errors_sent"]) {
-                shard.push(vec![("shard", shard_label(snap, i)), ("code", code)], v);
-            }
-        }
-        families.push(total);
-        families.push(shard);
-    }
-    {
-        let help =
-            "Presence events published, by new state and reason (hello; bye, timeout, disconnect).";
-        let mut total = Family::new("presence_events_total", "counter", help);
-        let mut shard = Family::new("shard_presence_events_total", "counter", help);
-        let totals = match stats.get("events_by_reason") {
-            Some(v) if v.is_object() => Some(v.clone()),
-            _ => summed_map(&per_shard, "events_by_reason"),
-        };
-        if let Some(map) = totals {
-            for (key, v) in map_entries(&map) {
-                let (state, reason) = state_reason(&key);
-                total.push(vec![("state", state), ("reason", reason)], v);
-            }
-        }
-        for (i, snap) in per_shard.iter().enumerate() {
-            for (key, v) in map_entries(&snap["events_by_reason"]) {
-                let (state, reason) = state_reason(&key);
-                shard.push(
-                    vec![
-                        ("shard", shard_label(snap, i)),
-                        ("state", state),
-                        ("reason", reason),
-                    ],
-                    v,
-                );
-            }
-        }
-        families.push(total);
-        families.push(shard);
-    }
-
-    // --- reload -------------------------------------------------------------
-    let reload = &stats["reload"];
-    for (key, name, kind, help) in [
-        (
-            "reloads_total",
+/// Reloads of certificate, key and fleet key.
+fn reload_families(stats: &Stats) -> Vec<Family> {
+    let r = &stats.reload;
+    vec![
+        Family::single(
             "reloads_total",
             "counter",
             "Reloads of certificate, key and fleet key attempted.",
+            Some(r.reloads_total),
         ),
-        (
-            "reload_failures_total",
+        Family::single(
             "reload_failures_total",
             "counter",
             "Reloads that failed (the previous material stayed in service).",
+            Some(r.reload_failures_total),
         ),
-    ] {
-        let mut f = Family::new(name, kind, help);
-        if let Some(v) = num(&reload[key]) {
-            f.push(vec![], v);
-        }
-        families.push(f);
-    }
-    let mut last_ok = Family::new(
-        "reload_last_success",
-        "gauge",
-        "1 if the last reload succeeded or none happened, 0 if it failed.",
-    );
-    let mut last_ts = Family::new(
-        "reload_last_timestamp_seconds",
-        "gauge",
-        "Unix time of the last reload attempt.",
-    );
-    if reload.is_object() {
-        let failed = reload["last_reload_error"].is_string();
-        last_ok.push(vec![], if failed { "0" } else { "1" });
-        if let Some(ms) = reload["last_reload_ms"].as_u64() {
-            last_ts.push(vec![], fmt_f64(ms as f64 / 1e3));
-        }
-    }
-    families.push(last_ok);
-    families.push(last_ts);
+        Family::single(
+            "reload_last_success",
+            "gauge",
+            "1 if the last reload succeeded or none happened, 0 if it failed.",
+            Some(if r.last_reload_error.is_some() {
+                "0"
+            } else {
+                "1"
+            }),
+        ),
+        Family::single(
+            "reload_last_timestamp_seconds",
+            "gauge",
+            "Unix time of the last reload attempt.",
+            r.last_reload_ms.map(|ms| fmt_f64(ms as f64 / 1e3)),
+        ),
+    ]
+}
 
-    // --- latency summaries (per shard) -------------------------------------
-    for (key, name, help) in [
+/// Picks a shard's handshake or heartbeat latency.
+type LatencyOf = fn(&ShardSnapshot) -> &LatencySummary;
+
+/// Latency summaries and maxima, per shard.
+fn latency_families(stats: &Stats) -> Vec<Family> {
+    let kinds: [(&str, &str, &'static str, LatencyOf); 2] = [
         (
-            "handshake_latency",
             "handshake_latency_seconds",
+            "handshake_latency_max_seconds",
             "TCP accept to TLS handshake complete, per shard (hdrhistogram quantiles).",
+            |s| &s.handshake_latency,
         ),
         (
-            "heartbeat_latency",
             "heartbeat_latency_seconds",
+            "heartbeat_latency_max_seconds",
             "HEARTBEAT decoded to HEARTBEAT_ACK written, per shard (hdrhistogram quantiles).",
+            |s| &s.heartbeat_latency,
         ),
-    ] {
+    ];
+    let mut out = Vec::with_capacity(4);
+    for (name, max_name, help, latency) in kinds {
         let mut f = Family::new(name, "summary", help);
         let mut max = Family::new(
-            &format!("{}_max_seconds", name.trim_end_matches("_seconds")),
+            max_name,
             "gauge",
             "Largest latency recorded since start, per shard.",
         );
-        for (i, snap) in per_shard.iter().enumerate() {
-            let l = &snap[key];
-            if !l.is_object() {
-                continue;
+        for snap in &stats.per_shard {
+            let l = latency(snap);
+            let shard = shard_label(snap);
+            for (q, value) in QUANTILES {
+                f.push(
+                    vec![shard.clone(), ("quantile", q.to_owned())],
+                    micros_to_seconds(value(l)),
+                );
             }
-            let shard = shard_label(snap, i);
-            for (q, k) in QUANTILES {
-                if let Some(v) = micros_to_seconds(&l[k]) {
-                    f.push(
-                        vec![("shard", shard.clone()), ("quantile", q.to_owned())],
-                        v,
-                    );
-                }
-            }
-            if let Some(v) = micros_to_seconds(&l["sum_us"]) {
-                f.push_suffixed("_sum", vec![("shard", shard.clone())], v);
-            }
-            if let Some(v) = num(&l["count"]) {
-                f.push_suffixed("_count", vec![("shard", shard.clone())], v);
-            }
-            if let Some(v) = micros_to_seconds(&l["max_us"]) {
-                max.push(vec![("shard", shard)], v);
-            }
+            f.push_suffixed("_sum", vec![shard.clone()], micros_to_seconds(l.sum_us));
+            f.push_suffixed("_count", vec![shard.clone()], l.count.to_string());
+            max.push(vec![shard], micros_to_seconds(l.max_us));
         }
-        families.push(f);
-        families.push(max);
-    }
-
-    let mut out = String::with_capacity(8192 + per_shard.len() * 4096);
-    for f in &families {
-        f.write(&mut out);
+        out.push(f);
+        out.push(max);
     }
     out
 }
@@ -590,43 +547,75 @@ pub fn render(stats: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use std::collections::{HashMap, HashSet};
+    use crate::control::stats::ProcessFigures;
+    use std::collections::{BTreeMap, HashMap, HashSet};
 
-    fn latency(p50: u64) -> Value {
-        json!({"count": 10, "p50_us": p50, "p90_us": p50 * 2, "p99_us": p50 * 3,
-               "p999_us": p50 * 4, "max_us": p50 * 5, "sum_us": p50 * 10})
+    fn latency(p50: u64) -> LatencySummary {
+        LatencySummary {
+            count: 10,
+            p50_us: p50,
+            p90_us: p50 * 2,
+            p99_us: p50 * 3,
+            p999_us: p50 * 4,
+            max_us: p50 * 5,
+            sum_us: p50 * 10,
+        }
     }
 
-    fn shard(i: u64) -> Value {
-        json!({
-            "shard": i, "connections": 3 + i, "sessions": 2, "agents_known": 4,
-            "agents_online": 2, "agents_in_grace": 1, "accepted_total": 10,
-            "accept_errors_total": i, "handshakes_total": 9, "handshake_failures_total": 3,
-            "handshake_timeouts_total": 1, "hellos_total": 8, "heartbeats_total": 100,
-            "timeouts_total": 1, "byes_total": 2, "accept_queue": i, "accept_backlog": 4096,
-            "errors_sent": {"malformed_frame": 1, "authentication_failed": 0, "superseded": i},
-            "events_by_reason": {"online:hello": 5, "offline:bye": 2},
-            "handshake_latency": latency(1500), "heartbeat_latency": latency(20),
-        })
+    fn shard(i: u64) -> ShardSnapshot {
+        ShardSnapshot {
+            shard: i as usize,
+            connections: 3 + i,
+            sessions: 2,
+            agents_known: 4,
+            agents_online: 2,
+            agents_in_grace: 1,
+            accepted_total: 10,
+            accept_errors_total: i,
+            handshakes_total: 9,
+            handshake_failures_total: 3,
+            handshake_timeouts_total: 1,
+            hellos_total: 8,
+            heartbeats_total: 100,
+            timeouts_total: 1,
+            byes_total: 2,
+            accept_queue: Some(i as u32),
+            accept_backlog: Some(4096),
+            errors_sent: BTreeMap::from([
+                ("malformed_frame", 1),
+                ("authentication_failed", 0),
+                ("superseded", i),
+            ]),
+            handshake_latency: latency(1500),
+            heartbeat_latency: latency(20),
+            ..Default::default()
+        }
     }
 
-    fn sample() -> Value {
-        json!({
-            "pid": 42, "version": "0.1.0", "listen": "127.0.0.1:7443", "shards": 2,
-            "uptime_s": 12, "connections": 7, "sessions": 4, "agents_online": 4,
-            "agents_in_grace": 2, "agents_known": 8, "accepted_total": 20,
-            "accept_errors_total": 1, "handshakes_total": 18, "handshake_failures_total": 6,
-            "handshake_timeouts_total": 2, "hellos_total": 16, "heartbeats_total": 200,
-            "timeouts_total": 2, "byes_total": 4,
-            "errors_sent": {"malformed_frame": 2, "authentication_failed": 0, "superseded": 1},
-            "events_next_seq": 15, "events_oldest_seq": 1,
-            "reload": {"reloads_total": 2, "reload_failures_total": 1,
-                       "last_reload_ms": 1_795_507_720_584u64,
-                       "last_reload_error": "certificate file /x: \"bad\"\nPEM"},
-            "rss_bytes": 1_234_567, "heap_bytes": null,
-            "per_shard": [shard(0), shard(1)],
-        })
+    fn sample() -> Stats {
+        let process = ProcessFigures {
+            pid: 42,
+            version: "0.1.0",
+            listen: "127.0.0.1:7443".into(),
+            shards: 2,
+            uptime_s: 12,
+            events_next_seq: 15,
+            events_oldest_seq: 1,
+            events_by_reason: BTreeMap::from([
+                ("online:hello".to_owned(), 10),
+                ("offline:bye".to_owned(), 4),
+            ]),
+            reload: crate::shared::ReloadStatus {
+                reloads_total: 2,
+                reload_failures_total: 1,
+                last_reload_ms: Some(1_795_507_720_584),
+                last_reload_error: Some("certificate file /x: \"bad\"\nPEM".into()),
+            },
+            rss_bytes: Some(1_234_567),
+            heap_bytes: None,
+            ..Default::default()
+        };
+        Stats::aggregate(process, vec![shard(0), shard(1)])
     }
 
     /// Samples by full series text (`name{labels}`), checking the format
@@ -700,15 +689,16 @@ mod tests {
             s["presenced_handshake_failures_by_reason_total{reason=\"other\"}"],
             4.0
         );
-        // events_by_reason per shard only: the total is their sum.
+        // Presence events are counted daemon-wide only.
         assert_eq!(
             s["presenced_presence_events_total{state=\"online\",reason=\"hello\"}"],
             10.0
         );
         assert_eq!(
-            s["presenced_shard_presence_events_total{shard=\"0\",state=\"offline\",reason=\"bye\"}"],
-            2.0
+            s["presenced_presence_events_total{state=\"offline\",reason=\"bye\"}"],
+            4.0
         );
+        assert!(!text.contains("presenced_shard_presence_events_total"));
         assert_eq!(s["presenced_accept_queue"], 1.0);
         assert_eq!(s["presenced_shard_accept_backlog{shard=\"0\"}"], 4096.0);
         assert_eq!(
@@ -781,14 +771,41 @@ mod tests {
     }
 
     #[test]
-    fn escapes_and_tolerates_missing_keys() {
+    fn escapes_and_skips_absent_figures() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert_eq!(escape_help("x\\y\nz"), "x\\\\y\\nz");
-        let text = render(&json!({"version": "1\"2", "connections": 1, "per_shard": [{}]}));
+        let stats = Stats {
+            version: "1\"2",
+            connections: 1,
+            per_shard: vec![ShardSnapshot::default()],
+            ..Default::default()
+        };
+        let text = render(&stats);
         let s = parse_strict(&text);
         assert_eq!(s["presenced_connections"], 1.0);
         assert!(text.contains(r#"version="1\"2""#), "{text}");
-        // Not an object at all: still valid (empty) text.
-        assert_eq!(render(&Value::Null), "");
+        // No guard, no accept queue, no memory figures: no family at all.
+        for absent in [
+            "presenced_guard_active",
+            "presenced_accept_queue",
+            "presenced_shard_accept_backlog",
+            "presenced_resident_memory_bytes",
+            "presenced_reload_last_timestamp_seconds",
+        ] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+    }
+
+    #[test]
+    fn guard_figures_when_the_shard_has_a_guard() {
+        let guard = crate::presence::guard::MassOfflineGuard::new(Default::default());
+        let stats = Stats {
+            guard: Some(guard.status(0)),
+            ..sample()
+        };
+        let s = parse_strict(&render(&stats));
+        assert_eq!(s["presenced_guard_active"], 0.0);
+        assert_eq!(s["presenced_guard_held"], 0.0);
+        assert_eq!(s["presenced_guard_activations_total"], 0.0);
     }
 }

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::control::stats::ShardSnapshot;
+use crate::control::stats::gather_stats;
 use crate::shard::{Shard, EVENT_SHARD};
 
 /// Longest request line accepted.
@@ -47,6 +47,40 @@ pub enum ControlError {
     },
     #[error("control socket {path}: group `{group}` does not exist")]
     NoSuchGroup { path: PathBuf, group: String },
+}
+
+/// Why a request line is not a command. The text is the `error` the client
+/// gets.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("empty request; {USAGE}")]
+    Empty,
+    #[error("unknown command `{0}`; {USAGE}")]
+    Unknown(String),
+    #[error(transparent)]
+    AgentId(#[from] presence_proto::ProtocolError),
+    #[error("`{0}` is not a sequence number")]
+    Seq(String),
+}
+
+/// Why no request line could be read.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("request longer than {MAX_REQUEST} bytes")]
+    TooLong,
+    #[error("no request line within 5s")]
+    Timeout,
+    #[error("request is not UTF-8")]
+    NotUtf8,
+}
+
+/// A reload that left the previous certificate and keys in service.
+#[derive(Debug, Error)]
+#[error("{reason}")]
+pub struct ReloadError {
+    pub reason: String,
 }
 
 /// Remove a stale socket file; refuse if a live daemon answers on it.
@@ -145,7 +179,7 @@ const USAGE: &str =
     "try: stats, agent <id>, events [from <seq>], metrics, reload, guard [release [<id>]], upgrade [<binary>], ping";
 
 /// Parse one request line.
-pub fn parse_request(line: &str) -> Result<Request, String> {
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["stats"] => Ok(Request::Stats),
@@ -158,16 +192,16 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         ["upgrade"] => Ok(Request::Upgrade(None)),
         ["upgrade", binary] => Ok(Request::Upgrade(Some(PathBuf::from(binary)))),
         ["agent", id] => {
-            presence_proto::validate_id(id.as_bytes()).map_err(|e| e.to_string())?;
+            presence_proto::validate_id(id.as_bytes())?;
             Ok(Request::Agent((*id).to_owned()))
         }
         ["events"] => Ok(Request::Events { from: None }),
         ["events", "from", seq] => seq
             .parse()
             .map(|s| Request::Events { from: Some(s) })
-            .map_err(|_| format!("`{seq}` is not a sequence number")),
-        [] => Err(format!("empty request; {USAGE}")),
-        _ => Err(format!("unknown command `{}`; {USAGE}", line.trim())),
+            .map_err(|_| RequestError::Seq((*seq).to_owned())),
+        [] => Err(RequestError::Empty),
+        _ => Err(RequestError::Unknown(line.trim().to_owned())),
     }
 }
 
@@ -193,7 +227,11 @@ fn peer_of(fd: &OwnedFd) -> Option<Peer> {
 
 /// Serve the control socket on the event shard until the daemon stops.
 /// The listener was bound (and its mode set) before any shard started.
-pub async fn serve(shard: Rc<Shard>, listener: StdUnixListener) -> Result<(), ControlError> {
+pub async fn serve(
+    shard: Rc<Shard>,
+    listener: StdUnixListener,
+    notify: Notifier,
+) -> Result<(), ControlError> {
     let path = shard.rt.config.server.control_socket.clone();
     info!(path = %path.display(), "control socket listening");
     while !shard.is_shutting_down() {
@@ -210,7 +248,7 @@ pub async fn serve(shard: Rc<Shard>, listener: StdUnixListener) -> Result<(), Co
                 }
                 // SAFETY: the fd is a connected Unix stream socket we own.
                 let stream = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
-                glommio::spawn_local(client(shard.clone(), stream, peer)).detach();
+                glommio::spawn_local(client(shard.clone(), stream, peer, notify)).detach();
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sleep(ACCEPT_POLL).await,
             Err(e) => {
@@ -223,12 +261,12 @@ pub async fn serve(shard: Rc<Shard>, listener: StdUnixListener) -> Result<(), Co
 }
 
 /// Read one line (at most MAX_REQUEST bytes) within REQUEST_TIMEOUT.
-async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
+async fn read_request(stream: &mut UnixStream) -> Result<String, ReadError> {
     let mut buf = Vec::new();
     let reading = async {
         let mut chunk = [0u8; 512];
         loop {
-            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            let n = stream.read(&mut chunk).await?;
             if n == 0 {
                 break;
             }
@@ -237,7 +275,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
                 break;
             }
             if buf.len() > MAX_REQUEST {
-                return Err(format!("request longer than {MAX_REQUEST} bytes"));
+                return Err(ReadError::TooLong);
             }
         }
         Ok(())
@@ -247,13 +285,13 @@ async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
     pin_mut!(reading, limit);
     futures::select_biased! {
         r = reading => r?,
-        _ = limit => return Err("no request line within 5s".into()),
+        _ = limit => return Err(ReadError::Timeout),
     }
     let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
     if line.len() > MAX_REQUEST {
-        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        return Err(ReadError::TooLong);
     }
-    String::from_utf8(line.to_vec()).map_err(|_| "request is not UTF-8".to_owned())
+    String::from_utf8(line.to_vec()).map_err(|_| ReadError::NotUtf8)
 }
 
 /// Read and discard input for at most 1 s or 1 MiB, until the client closes.
@@ -297,11 +335,11 @@ async fn reply(stream: &mut UnixStream, v: &Value) {
     write_bounded(stream, line.as_bytes()).await;
 }
 
-async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
+async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>, notify: Notifier) {
     let line = match read_request(&mut stream).await {
         Ok(l) => l,
         Err(e) => {
-            reply(&mut stream, &json!({ "error": e })).await;
+            reply(&mut stream, &json!({ "error": e.to_string() })).await;
             // Closing with unread input resets the peer before it reads the
             // error: discard what is still arriving, within bounds.
             drain(&mut stream).await;
@@ -311,47 +349,28 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
     let req = match parse_request(&line) {
         Ok(r) => r,
         Err(e) => {
-            reply(&mut stream, &json!({ "error": e })).await;
+            reply(&mut stream, &json!({ "error": e.to_string() })).await;
             return;
         }
     };
     debug!(?req, "control request");
     match req {
         Request::Stats => {
-            let v = gather_stats(&shard).await;
-            reply(&mut stream, &v).await;
+            let stats = gather_stats(&shard).await;
+            reply(&mut stream, &stats.to_json()).await;
         }
         Request::Ping => {
             let v = json!({"ok": true, "pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")});
             reply(&mut stream, &v).await;
         }
-        Request::Agent(id) => {
-            let v = match shard.request_agent(&id).await {
-                Ok(Some(info)) => serde_json::to_value(info).unwrap_or(Value::Null),
-                Ok(None) => json!({ "error": format!("unknown agent `{id}`") }),
-                Err(_) => json!({ "error": "owner shard did not answer" }),
-            };
-            reply(&mut stream, &v).await;
-        }
+        Request::Agent(id) => reply(&mut stream, &agent(&shard, &id).await).await,
         Request::Events { from } => stream_events(&shard, &mut stream, from).await,
         Request::Metrics => {
-            let v = gather_stats(&shard).await;
-            let text = crate::control::prometheus::render(&v);
+            let stats = gather_stats(&shard).await;
+            let text = crate::control::prometheus::render(&stats);
             write_bounded(&mut stream, text.as_bytes()).await;
         }
-        Request::Guard => {
-            let v = match &shard.guard {
-                Some(g) => {
-                    let g = g.borrow();
-                    json!({
-                        "status": g.status(crate::shared::wall_ms()),
-                        "held": g.held_list(1000),
-                    })
-                }
-                None => json!({"error": "the guard runs on the event shard"}),
-            };
-            reply(&mut stream, &v).await;
-        }
+        Request::Guard => reply(&mut stream, &guard(&shard)).await,
         Request::GuardRelease(agent) => {
             info!(
                 ?peer,
@@ -361,36 +380,12 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
             let n = shard.guard_release(agent.as_deref());
             reply(&mut stream, &json!({"ok": true, "released": n})).await;
         }
-        Request::Upgrade(binary) => {
-            let binary = binary.unwrap_or_else(|| shard.rt.binary.clone());
-            info!(?peer, binary = %binary.display(), "upgrade requested on the control socket");
-            let report = crate::control::upgrade::upgrade(&shard, &binary).await;
-            if report.ok {
-                info!(new_pid = ?report.new_pid, connections = report.connections, "upgrade done; this process exits");
-            } else {
-                warn!(error = ?report.error, "upgrade failed; still serving");
-            }
-            reply(
-                &mut stream,
-                &serde_json::to_value(&report).unwrap_or(Value::Null),
-            )
-            .await;
-            if report.ok {
-                shard
-                    .rt
-                    .handed_over
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                shard
-                    .rt
-                    .shutdown
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
+        Request::Upgrade(binary) => upgrade(&shard, &mut stream, peer, binary).await,
         Request::Reload => {
             info!(?peer, "reload requested on the control socket");
-            let v = match reload(&shard) {
+            let v = match reload(&shard, notify) {
                 Ok(()) => json!({"ok": true}),
-                Err(e) => json!({"ok": false, "error": e}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
             };
             reply(&mut stream, &v).await;
         }
@@ -398,107 +393,91 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>) {
     let _ = stream.close().await;
 }
 
-/// Collect every shard's snapshot and sum them.
-pub async fn gather_stats(shard: &Rc<Shard>) -> Value {
-    let mut per_shard: Vec<ShardSnapshot> = Vec::with_capacity(shard.nshards);
-    for s in 0..shard.nshards {
-        match shard.request_stats(s).await {
-            Ok(snap) => per_shard.push(snap),
-            Err(_) => per_shard.push(ShardSnapshot {
-                shard: s,
-                ..Default::default()
-            }),
-        }
+/// `agent <id>`: the record from the shard that owns it.
+async fn agent(shard: &Shard, id: &str) -> Value {
+    match shard.request_agent(id).await {
+        Ok(Some(info)) => serde_json::to_value(info).unwrap_or(Value::Null),
+        Ok(None) => json!({ "error": format!("unknown agent `{id}`") }),
+        Err(_) => json!({ "error": "owner shard did not answer" }),
     }
-    let sum = |f: fn(&ShardSnapshot) -> u64| per_shard.iter().map(f).sum::<u64>();
-    let mut errors_sent = serde_json::Map::new();
-    for snap in &per_shard {
-        for (k, v) in &snap.errors_sent {
-            let cur = errors_sent.get(*k).and_then(Value::as_u64).unwrap_or(0);
-            errors_sent.insert((*k).to_owned(), json!(cur + v));
+}
+
+/// `guard`: status and held events (the guard lives on the event shard).
+fn guard(shard: &Shard) -> Value {
+    match &shard.guard {
+        Some(g) => {
+            let g = g.borrow();
+            json!({
+                "status": g.status(crate::shared::wall_ms()),
+                "held": g.held_list(1000),
+            })
         }
+        None => json!({"error": "the guard runs on the event shard"}),
     }
-    let (next_seq, oldest_seq) = shard
-        .events
-        .as_ref()
-        .map(|l| {
-            let l = l.borrow();
-            (l.next_seq(), l.oldest_seq())
-        })
-        .unwrap_or((0, 0));
-    let events_by_reason: serde_json::Map<String, Value> = shard
-        .events
-        .as_ref()
-        .map(|l| {
-            l.borrow()
-                .by_reason()
-                .iter()
-                .map(|((on, r), n)| {
-                    (
-                        format!("{}:{r}", if *on { "online" } else { "offline" }),
-                        json!(n),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let guard = shard.guard.as_ref().map(|g| {
-        serde_json::to_value(g.borrow().status(crate::shared::wall_ms())).unwrap_or(Value::Null)
-    });
-    let rt = &shard.rt;
-    json!({
-        "pid": std::process::id(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "listen": rt.listen.to_string(),
-        "shards": shard.nshards,
-        "uptime_s": rt.started.elapsed().as_secs(),
-        "connections": sum(|s| s.connections),
-        "sessions": sum(|s| s.sessions),
-        "agents_online": sum(|s| s.agents_online),
-        "agents_in_grace": sum(|s| s.agents_in_grace),
-        "agents_known": sum(|s| s.agents_known),
-        "accepted_total": sum(|s| s.accepted_total),
-        "accept_errors_total": sum(|s| s.accept_errors_total),
-        "handshakes_total": sum(|s| s.handshakes_total),
-        "handshakes_resumed_total": sum(|s| s.handshakes_resumed_total),
-        "tickets": serde_json::to_value(rt.ticketer.stats()).unwrap_or(Value::Null),
-        "handshake_failures_total": sum(|s| s.handshake_failures_total),
-        "handshake_timeouts_total": sum(|s| s.handshake_timeouts_total),
-        "hellos_total": sum(|s| s.hellos_total),
-        "heartbeats_total": sum(|s| s.heartbeats_total),
-        "timeouts_total": sum(|s| s.timeouts_total),
-        "byes_total": sum(|s| s.byes_total),
-        "admission_rejected_total": sum(|s| s.admission_rejected_total),
-        "handshakes_in_flight": sum(|s| s.handshakes_in_flight),
-        "errors_sent": errors_sent,
-        "events_next_seq": next_seq,
-        "events_oldest_seq": oldest_seq,
-        "reload": rt.reload_status(),
-        "record_layer": rt.record_layer.lock().map(|l| l.clone()).unwrap_or_default(),
-        "events_by_reason": events_by_reason,
-        "presumed_online": sum(|s| s.presumed_online),
-        "state": per_shard.iter().map(|s| s.state.as_ref().map(|st| st.presence)).collect::<Vec<_>>(),
-        "guard": guard,
-        "rss_bytes": crate::control::stats::rss_bytes(),
-        "heap_bytes": crate::control::stats::heap_bytes(),
-        "per_shard": per_shard,
-    })
+}
+
+/// `upgrade [<binary>]`: hand over, reply with the report, and on success
+/// make this process stop.
+async fn upgrade(
+    shard: &Rc<Shard>,
+    stream: &mut UnixStream,
+    peer: Option<Peer>,
+    binary: Option<PathBuf>,
+) {
+    let binary = binary.unwrap_or_else(|| shard.rt.binary.clone());
+    info!(?peer, binary = %binary.display(), "upgrade requested on the control socket");
+    let report = crate::control::upgrade::upgrade(shard, &binary).await;
+    if report.ok {
+        info!(new_pid = ?report.new_pid, connections = report.connections, "upgrade done; this process exits");
+    } else {
+        warn!(error = ?report.error, "upgrade failed; still serving");
+    }
+    reply(
+        stream,
+        &serde_json::to_value(&report).unwrap_or(Value::Null),
+    )
+    .await;
+    if report.ok {
+        use std::sync::atomic::Ordering::SeqCst;
+        shard.rt.handed_over.store(true, SeqCst);
+        shard.rt.shutdown.store(true, SeqCst);
+    }
+}
+
+/// What the control socket tells the service manager. Injected by the
+/// process (`process::supervise::NOTIFIER`): control does not know systemd.
+#[derive(Debug, Clone, Copy)]
+pub struct Notifier {
+    /// A reload starts.
+    pub reloading: fn(),
+    /// A reload ended; the argument is the status line.
+    pub reloaded: fn(&str),
+}
+
+impl Notifier {
+    /// Tells nobody.
+    pub const NONE: Notifier = Notifier {
+        reloading: || {},
+        reloaded: |_| {},
+    };
 }
 
 /// Reload TLS material and the fleet key; log the outcome.
-pub fn reload(shard: &Shard) -> Result<(), String> {
-    crate::process::supervise::reloading();
-    let r = shard.rt.reload();
+pub fn reload(shard: &Shard, notify: Notifier) -> Result<(), ReloadError> {
+    (notify.reloading)();
+    let r = shard.rt.reload().map_err(|e| ReloadError {
+        reason: e.to_string(),
+    });
     match &r {
         Ok(()) => info!("reloaded certificate, key and fleet key"),
         Err(e) => warn!("reload failed, keeping the previous certificate and keys: {e}"),
     }
-    crate::process::supervise::reloaded(if r.is_ok() {
+    (notify.reloaded)(if r.is_ok() {
         "reloaded"
     } else {
         "reload failed; previous certificate kept"
     });
-    r.map_err(|e| e.to_string())
+    r
 }
 
 /// Stream events from `from` (or from now) until the client closes.
@@ -574,6 +553,7 @@ mod tests {
         assert!(parse_request("agent b!d").is_err());
         assert!(parse_request("frobnicate")
             .unwrap_err()
+            .to_string()
             .contains("unknown command"));
     }
 

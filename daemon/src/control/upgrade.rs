@@ -1,18 +1,15 @@
-//! Zero-drop binary upgrade, wired into the daemon.
+//! Zero-drop binary upgrade, the old process's (source) side.
 //!
 //! The mechanism (wire format, manifests, the prepare → quiesce → transfer
-//! → confirm → commit state machine) is in [`crate::upgrade`]; this module
-//! is the daemon's side of it:
+//! → confirm → commit state machine) is in [`crate::upgrade`]. Here,
+//! `upgrade [<binary>]` on the control socket starts the new binary and
+//! runs [`crate::upgrade::machine::run_source`] on a std thread. That thread
+//! cannot touch the shards (they are glommio executors), so it asks the
+//! event shard over a socketpair ([`SourceCommand`] lines); the event shard
+//! performs each command over the shard mesh (freeze, barrier, quiesce,
+//! thaw, release) and leaves results in a shared [`Slot`].
 //!
-//! - Old process: `upgrade [<binary>]` on the control socket starts the new
-//!   binary and runs [`crate::upgrade::machine::run_source`] on a std thread.
-//!   That thread cannot touch the shards (they are glommio executors), so
-//!   it asks the event shard over a socketpair ([`Step`] lines); the event
-//!   shard performs each step over the shard mesh (freeze, barrier,
-//!   quiesce, thaw, release) and leaves results in a shared [`Slot`].
-//! - New process: `serve --upgrade-fd N` runs
-//!   [`crate::upgrade::machine::run_target`] before any shard starts
-//!   ([`DaemonTarget`]), then starts the shards with what it adopted.
+//! The new process's (target) side is `process::adopt::DaemonTarget`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
@@ -20,24 +17,21 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::io::{AsyncBufReadExt, AsyncWriteExt};
 use glommio::net::UnixStream;
+use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::shard::{Adopted, Shard, ShardMsg};
-use crate::upgrade::machine::{GlobalState, ShardSnapshot, Source, Target};
-use crate::upgrade::manifest::{
-    ConnHandoff, EventHandoff, Manifest, PresenceRecordHandoff, TicketKeys, PROTOCOL,
-};
-
-/// How long each wait for the peer may take during a hand-over.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::shard::{Shard, ShardMsg};
+use crate::upgrade::machine::{GlobalState, ShardSnapshot, Source, SourceOutcome, UpgradeError};
+use crate::upgrade::manifest::{Manifest, TicketKeys, PROTOCOL};
+use crate::upgrade::spawn::SpawnError;
+use crate::upgrade::STEP_TIMEOUT;
 
 /// What the source thread asks the event shard to do, one line each.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Step {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceCommand {
     Prepare,
     Quiesce(usize),
     Global,
@@ -45,28 +39,76 @@ enum Step {
     Release,
 }
 
-impl Step {
+impl SourceCommand {
     fn line(&self) -> String {
         match self {
-            Step::Prepare => "prepare\n".into(),
-            Step::Quiesce(i) => format!("quiesce {i}\n"),
-            Step::Global => "global\n".into(),
-            Step::Thaw => "thaw\n".into(),
-            Step::Release => "release\n".into(),
+            SourceCommand::Prepare => "prepare\n".into(),
+            SourceCommand::Quiesce(i) => format!("quiesce {i}\n"),
+            SourceCommand::Global => "global\n".into(),
+            SourceCommand::Thaw => "thaw\n".into(),
+            SourceCommand::Release => "release\n".into(),
         }
     }
 
-    fn parse(line: &str) -> Option<Step> {
+    fn parse(line: &str) -> Option<SourceCommand> {
         let mut w = line.split_whitespace();
         match (w.next()?, w.next()) {
-            ("prepare", None) => Some(Step::Prepare),
-            ("quiesce", Some(i)) => i.parse().ok().map(Step::Quiesce),
-            ("global", None) => Some(Step::Global),
-            ("thaw", None) => Some(Step::Thaw),
-            ("release", None) => Some(Step::Release),
+            ("prepare", None) => Some(SourceCommand::Prepare),
+            ("quiesce", Some(i)) => i.parse().ok().map(SourceCommand::Quiesce),
+            ("global", None) => Some(SourceCommand::Global),
+            ("thaw", None) => Some(SourceCommand::Thaw),
+            ("release", None) => Some(SourceCommand::Release),
             _ => None,
         }
     }
+}
+
+/// The source thread's failures (their text becomes the Abort reason).
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error("{command:?}: event shard: {source}")]
+    EventShard {
+        command: SourceCommand,
+        source: std::io::Error,
+    },
+    /// The event shard answered with this instead of `ok`.
+    #[error("{command:?}: {answer}")]
+    Refused {
+        command: SourceCommand,
+        answer: String,
+    },
+    #[error("dup listener {fd}: {source}")]
+    DupListener { fd: i32, source: std::io::Error },
+    #[error("shard {0} left no snapshot")]
+    NoSnapshot(usize),
+    #[error("no global state")]
+    NoGlobalState,
+}
+
+/// Why the event shard could not perform a command.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("{0}: a shard did not answer")]
+    ShardGone(&'static str),
+    #[error("no shard {0}")]
+    NoShard(usize),
+    #[error("no event log on this shard")]
+    NoEventLog,
+}
+
+/// Why a hand-over did not happen (the report's `error`).
+#[derive(Debug, Error)]
+pub enum UpgradeFailure {
+    #[error("socketpair: {0}")]
+    Socketpair(std::io::Error),
+    #[error("upgrade thread: {0}")]
+    Thread(std::io::Error),
+    #[error("upgrade thread ended without a result")]
+    NoResult,
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Machine(#[from] UpgradeError),
 }
 
 /// Results the event shard leaves for the source thread.
@@ -89,18 +131,20 @@ struct DaemonSource {
 }
 
 impl DaemonSource {
-    fn ask(&mut self, step: Step) -> Result<(), String> {
+    fn ask(&mut self, command: SourceCommand) -> Result<(), SourceError> {
+        let io = |source| SourceError::EventShard { command, source };
         self.ctl
             .get_mut()
-            .write_all(step.line().as_bytes())
-            .map_err(|e| format!("{step:?}: event shard: {e}"))?;
+            .write_all(command.line().as_bytes())
+            .map_err(io)?;
         let mut line = String::new();
-        self.ctl
-            .read_line(&mut line)
-            .map_err(|e| format!("{step:?}: event shard: {e}"))?;
+        self.ctl.read_line(&mut line).map_err(io)?;
         match line.trim() {
             "ok" => Ok(()),
-            other => Err(format!("{step:?}: {other}")),
+            other => Err(SourceError::Refused {
+                command,
+                answer: other.to_owned(),
+            }),
         }
     }
 
@@ -110,8 +154,10 @@ impl DaemonSource {
 }
 
 impl Source for DaemonSource {
-    fn prepare(&mut self) -> Result<(), String> {
-        self.ask(Step::Prepare)
+    type Error = SourceError;
+
+    fn prepare(&mut self) -> Result<(), SourceError> {
+        self.ask(SourceCommand::Prepare)
     }
 
     fn manifest(&mut self) -> Manifest {
@@ -129,7 +175,7 @@ impl Source for DaemonSource {
         }
     }
 
-    fn listeners(&mut self) -> Result<Vec<OwnedFd>, String> {
+    fn listeners(&mut self) -> Result<Vec<OwnedFd>, SourceError> {
         self.listener_fds
             .iter()
             .map(|fd| {
@@ -138,25 +184,22 @@ impl Source for DaemonSource {
                 let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
                 borrowed
                     .try_clone_to_owned()
-                    .map_err(|e| format!("dup listener {fd}: {e}"))
+                    .map_err(|source| SourceError::DupListener { fd: *fd, source })
             })
             .collect()
     }
 
-    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, String> {
-        self.ask(Step::Quiesce(shard))?;
+    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, SourceError> {
+        self.ask(SourceCommand::Quiesce(shard))?;
         self.slot()
             .snapshot
             .take()
-            .ok_or_else(|| format!("shard {shard} left no snapshot"))
+            .ok_or(SourceError::NoSnapshot(shard))
     }
 
-    fn global_state(&mut self) -> Result<GlobalState, String> {
-        self.ask(Step::Global)?;
-        self.slot()
-            .global
-            .take()
-            .ok_or_else(|| "no global state".into())
+    fn global_state(&mut self) -> Result<GlobalState, SourceError> {
+        self.ask(SourceCommand::Global)?;
+        self.slot().global.take().ok_or(SourceError::NoGlobalState)
     }
 
     fn stop_target(&mut self) {
@@ -168,14 +211,14 @@ impl Source for DaemonSource {
 
     fn resume_all(&mut self, reason: &str) {
         warn!("upgrade failed, serving everything again: {reason}");
-        if let Err(e) = self.ask(Step::Thaw) {
+        if let Err(e) = self.ask(SourceCommand::Thaw) {
             warn!("thaw: {e}");
         }
         let _ = crate::upgrade::spawn::notify_main_pid(std::process::id());
     }
 
     fn finish(&mut self) {
-        if let Err(e) = self.ask(Step::Release) {
+        if let Err(e) = self.ask(SourceCommand::Release) {
             warn!("release: {e}");
         }
         // The child now serves; it is not ours to wait for.
@@ -196,25 +239,25 @@ pub struct UpgradeReport {
 }
 
 /// Run a hand-over from the event shard: start `binary`, drive the source
-/// machine on a std thread, perform its steps here. Returns the report;
+/// machine on a std thread, perform its commands here. Returns the report;
 /// on success the caller makes this process exit.
 pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
     let started = std::time::Instant::now();
-    let fail = |e: String| UpgradeReport {
+    let fail = |e: UpgradeFailure| UpgradeReport {
         ok: false,
         new_pid: None,
         connections: 0,
         records: 0,
         uncarried: 0,
         elapsed_ms: started.elapsed().as_millis() as u64,
-        error: Some(e),
+        error: Some(e.to_string()),
     };
     let (ours, theirs) = match StdUnixStream::pair() {
         Ok(p) => p,
-        Err(e) => return fail(format!("socketpair: {e}")),
+        Err(e) => return fail(UpgradeFailure::Socketpair(e)),
     };
     let slot = Arc::new(Mutex::new(Slot::default()));
-    let mut source = DaemonSource {
+    let source = DaemonSource {
         ctl: BufReader::new(theirs),
         slot: slot.clone(),
         child: None,
@@ -223,61 +266,19 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
         config_path: shard.rt.config_path.clone(),
         listener_fds: shard.rt.listener_fds(),
     };
-    let binary = binary.to_owned();
     let cpus = shard
         .rt
         .startup_cpus
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let (done_tx, done_rx) = futures::channel::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("upgrade-source".into())
-        .spawn(move || {
-            // This thread inherited the event shard's pinning; the new
-            // process must see the CPUs this one started with.
-            unpin_current_thread(&cpus);
-            let r = match crate::upgrade::spawn::spawn_target(&binary, &source.config_path) {
-                Ok(spawned) => {
-                    info!(binary = %binary.display(), pid = spawned.child.id(), "upgrade: new process started");
-                    source.child = Some(spawned.child);
-                    crate::upgrade::machine::run_source(spawned.sock, &mut source, STEP_TIMEOUT)
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            // Closing our end tells the event shard the machine is done.
-            drop(source);
-            let _ = done_tx.send(r);
-        });
-    if let Err(e) = thread {
-        return fail(format!("upgrade thread: {e}"));
-    }
-    // Serve the machine's steps until it hangs up.
+    let done_rx = match spawn_source_thread(source, binary.to_owned(), cpus) {
+        Ok(rx) => rx,
+        Err(e) => return fail(UpgradeFailure::Thread(e)),
+    };
     // SAFETY: `ours` is a connected Unix stream socket we own.
     let ctl = unsafe { UnixStream::from_raw_fd(ours.into_raw_fd()) };
-    let mut ctl = futures::io::BufReader::new(ctl);
-    let mut uncarried = 0;
-    loop {
-        let mut line = String::new();
-        match ctl.read_line(&mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let answer = match Step::parse(&line) {
-            Some(step) => match perform(shard, &step, &slot).await {
-                Ok(n) => {
-                    uncarried += n;
-                    "ok\n".to_owned()
-                }
-                Err(e) => format!("{}\n", e.replace('\n', " ")),
-            },
-            None => format!("unknown step {line:?}\n"),
-        };
-        if ctl.get_mut().write_all(answer.as_bytes()).await.is_err() {
-            break;
-        }
-    }
+    let uncarried = serve_commands(shard, ctl, &slot).await;
     let outcome = done_rx.await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match outcome {
@@ -291,8 +292,68 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
             error: None,
         },
         Ok(Err(e)) => fail(e),
-        Err(_) => fail("upgrade thread ended without a result".into()),
+        Err(_) => fail(UpgradeFailure::NoResult),
     }
+}
+
+type SourceResult = Result<SourceOutcome, UpgradeFailure>;
+
+/// Start `binary` and run the source machine on a std thread; its result
+/// arrives on the returned channel once it closed its end of the commands.
+fn spawn_source_thread(
+    mut source: DaemonSource,
+    binary: PathBuf,
+    cpus: Vec<usize>,
+) -> std::io::Result<futures::channel::oneshot::Receiver<SourceResult>> {
+    let (done_tx, done_rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("upgrade-source".into())
+        .spawn(move || {
+            // This thread inherited the event shard's pinning; the new
+            // process must see the CPUs this one started with.
+            unpin_current_thread(&cpus);
+            let r = match crate::upgrade::spawn::spawn_target(&binary, &source.config_path) {
+                Ok(spawned) => {
+                    info!(binary = %binary.display(), pid = spawned.child.id(), "upgrade: new process started");
+                    source.child = Some(spawned.child);
+                    crate::upgrade::machine::run_source(spawned.sock, &mut source, STEP_TIMEOUT)
+                        .map_err(UpgradeFailure::from)
+                }
+                Err(e) => Err(e.into()),
+            };
+            // Closing our end tells the event shard the machine is done.
+            drop(source);
+            let _ = done_tx.send(r);
+        })?;
+    Ok(done_rx)
+}
+
+/// Perform the source thread's commands until it hangs up. Returns the
+/// connections not carried.
+async fn serve_commands(shard: &Rc<Shard>, ctl: UnixStream, slot: &Arc<Mutex<Slot>>) -> u64 {
+    let mut ctl = futures::io::BufReader::new(ctl);
+    let mut uncarried = 0;
+    loop {
+        let mut line = String::new();
+        match ctl.read_line(&mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let answer = match SourceCommand::parse(&line) {
+            Some(command) => match perform(shard, command, slot).await {
+                Ok(n) => {
+                    uncarried += n;
+                    "ok\n".to_owned()
+                }
+                Err(e) => format!("{}\n", e.to_string().replace('\n', " ")),
+            },
+            None => format!("unknown step {line:?}\n"),
+        };
+        if ctl.get_mut().write_all(answer.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    uncarried
 }
 
 /// Let the calling thread run on `cpus` (empty: leave it as it is).
@@ -307,11 +368,15 @@ fn unpin_current_thread(cpus: &[usize]) {
 }
 
 /// Perform one step on the shards. Returns connections not carried.
-async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Result<u64, String> {
+async fn perform(
+    shard: &Rc<Shard>,
+    command: SourceCommand,
+    slot: &Arc<Mutex<Slot>>,
+) -> Result<u64, CommandError> {
     let n = shard.nshards;
-    let gone = |what: &str| format!("{what}: a shard did not answer");
-    match step {
-        Step::Prepare => {
+    let gone = CommandError::ShardGone;
+    match command {
+        SourceCommand::Prepare => {
             for i in 0..n {
                 shard
                     .ask(i, |reply| ShardMsg::Freeze { reply })
@@ -325,27 +390,24 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
                     .await
                     .map_err(|_| gone("barrier"))?;
             }
-            let v = crate::control::socket::gather_stats(shard).await;
-            let connections = v["connections"].as_u64().unwrap_or(0);
-            let agents = v["agents_known"].as_u64().unwrap_or(0);
-            let next_seq = v["events_next_seq"].as_u64().unwrap_or(0);
+            let stats = crate::control::stats::gather_stats(shard).await;
             slot.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .manifest_counts = (connections, agents, next_seq);
+                .manifest_counts = (stats.connections, stats.agents_known, stats.events_next_seq);
             Ok(0)
         }
-        Step::Quiesce(i) if *i < n => {
+        SourceCommand::Quiesce(i) if i < n => {
             let snap = shard
-                .ask(*i, |reply| ShardMsg::Quiesce { reply })
+                .ask(i, |reply| ShardMsg::Quiesce { reply })
                 .await
                 .map_err(|_| gone("quiesce"))?;
             let uncarried = snap.uncarried;
             slot.lock().unwrap_or_else(|p| p.into_inner()).snapshot = Some(snap);
             Ok(uncarried)
         }
-        Step::Quiesce(i) => Err(format!("no shard {i}")),
-        Step::Global => {
-            let log = shard.events.as_ref().ok_or("no event log on this shard")?;
+        SourceCommand::Quiesce(i) => Err(CommandError::NoShard(i)),
+        SourceCommand::Global => {
+            let log = shard.events.as_ref().ok_or(CommandError::NoEventLog)?;
             let (events, next_event_seq) = {
                 let log = log.borrow();
                 (log.export(), log.next_seq())
@@ -359,13 +421,13 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
             });
             Ok(0)
         }
-        Step::Thaw => {
+        SourceCommand::Thaw => {
             for i in 0..n {
                 shard.tell(i, ShardMsg::Thaw);
             }
             Ok(0)
         }
-        Step::Release => {
+        SourceCommand::Release => {
             for i in 0..n {
                 shard
                     .ask(i, |reply| ShardMsg::Release { reply })
@@ -374,117 +436,5 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
             }
             Ok(0)
         }
-    }
-}
-
-/// The new process's side: collects what the old one hands over, before
-/// any shard runs.
-pub struct DaemonTarget {
-    config: crate::config::Config,
-    shards: usize,
-    pub listeners: Vec<OwnedFd>,
-    pub adopted: Vec<Adopted>,
-    /// Loaded in `ready` (before Confirm): a bad certificate aborts the
-    /// hand-over while the old process can still resume.
-    pub material: Option<crate::process::start::Material>,
-    /// Bound in `commit`: the control socket path moves to this process.
-    pub control: Option<std::os::unix::net::UnixListener>,
-    /// Session ticket keys from the old process (resumption keeps working).
-    ticket_keys: Option<crate::tls::tickets::TicketKeys>,
-}
-
-impl DaemonTarget {
-    pub fn new(config: crate::config::Config) -> Self {
-        let shards = config.shard_count();
-        Self {
-            config,
-            shards,
-            listeners: Vec::new(),
-            adopted: (0..shards).map(|_| Adopted::default()).collect(),
-            material: None,
-            control: None,
-            ticket_keys: None,
-        }
-    }
-}
-
-impl Target for DaemonTarget {
-    fn check_manifest(&mut self, manifest: &Manifest) -> Result<(), String> {
-        manifest
-            .check_local(self.shards, &self.config.server.listen.to_string())
-            .map_err(|e| e.to_string())
-    }
-
-    fn adopt_listeners(&mut self, listeners: Vec<OwnedFd>) -> Result<(), String> {
-        if listeners.len() != self.shards {
-            return Err(format!(
-                "{} listeners for {} shards",
-                listeners.len(),
-                self.shards
-            ));
-        }
-        self.listeners = listeners;
-        Ok(())
-    }
-
-    fn adopt_shard(
-        &mut self,
-        shard: usize,
-        conns: Vec<(ConnHandoff, OwnedFd)>,
-        records: Vec<PresenceRecordHandoff>,
-    ) -> Result<(), String> {
-        let a = self
-            .adopted
-            .get_mut(shard)
-            .ok_or_else(|| format!("no shard {shard}"))?;
-        a.conns = conns;
-        a.records = records;
-        if std::env::var("PRESENCED_TEST_FAIL_ADOPT_SHARD")
-            .ok()
-            .as_deref()
-            == Some(&shard.to_string())
-        {
-            return Err(format!(
-                "adopt shard {shard}: failing on purpose (PRESENCED_TEST_FAIL_ADOPT_SHARD)"
-            ));
-        }
-        Ok(())
-    }
-
-    fn adopt_global(&mut self, global: GlobalState) -> Result<(), String> {
-        let events: Vec<EventHandoff> = global.events;
-        if !global.ticket_keys.keys.is_empty() {
-            match crate::tls::tickets::TicketKeys::from_handoff(&global.ticket_keys.keys) {
-                Ok(k) => self.ticket_keys = Some(k),
-                Err(e) => {
-                    warn!("handed-over ticket keys unusable, loading from the state dir: {e}")
-                }
-            }
-        }
-        self.adopted[0].events = Some((events, global.next_event_seq));
-        Ok(())
-    }
-
-    fn ready(&mut self) -> Result<(), String> {
-        let material = crate::process::start::Material::load_with_tickets(
-            &self.config,
-            self.ticket_keys.take(),
-        )
-        .map_err(|e| e.to_string())?;
-        if std::env::var_os("PRESENCED_TEST_FAIL_READY").is_some() {
-            return Err("ready: failing on purpose (PRESENCED_TEST_FAIL_READY)".into());
-        }
-        self.material = Some(material);
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<(), String> {
-        let s = &self.config.server;
-        let control =
-            crate::control::socket::bind_with(&s.control_socket, s.control_group.as_deref(), true)
-                .map_err(|e| e.to_string())?;
-        self.control = Some(control);
-        let _ = crate::upgrade::spawn::notify_takeover("took over from the previous process");
-        Ok(())
     }
 }

@@ -1,5 +1,7 @@
-//! The process: start-up (listeners, shards, signals) and its conversation
-//! with systemd.
+//! The process: start-up (listeners, shards, signals), its conversation
+//! with systemd, and taking over from a previous process (live upgrade).
 
+pub mod adopt;
+pub mod listen;
 pub mod start;
 pub mod supervise;

@@ -1,9 +1,10 @@
-//! Starting the shards: pre-bind one SO_REUSEPORT listener per shard (the
-//! first picks the port when the config says 0), then run one pinned glommio
-//! executor per shard until the shutdown flag is raised.
+//! Starting the shards: load TLS material and keys, take the listeners
+//! (bound by [`crate::process::listen`], or handed over by a live upgrade),
+//! then run one pinned glommio executor per shard until the shutdown flag is
+//! raised.
 //!
 //! Like mini-redis's `run(listener, shutdown)`, [`run`] takes listeners that
-//! are already bound, so tests and a future upgrade path can hand them in.
+//! are already bound, so a live upgrade can hand them in.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -12,11 +13,11 @@ use std::sync::Arc;
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tracing::info;
 
 use crate::config::Config;
+use crate::process::listen::{bind_listeners, ListenError};
 use crate::shard;
 use crate::shared::Runtime;
 use presence_proto::FleetKey;
@@ -26,13 +27,13 @@ const MESH_CHANNEL_SIZE: usize = 4096;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot start shard {shard}: {source}")]
+    Executor {
+        shard: usize,
         source: std::io::Error,
     },
-    #[error("cannot start shard {shard}: {reason}")]
-    Executor { shard: usize, reason: String },
     #[error("shard {shard} panicked")]
     ShardPanicked { shard: usize },
     #[error(transparent)]
@@ -42,45 +43,7 @@ pub enum ServerError {
     #[error(transparent)]
     Control(#[from] crate::control::socket::ControlError),
     #[error("session ticket keys: {0}")]
-    Tickets(String),
-}
-
-/// Bind `count` listening sockets to `addr` with SO_REUSEPORT. With port 0,
-/// the first socket picks the port and the others join it.
-pub fn bind_listeners(
-    addr: SocketAddr,
-    count: usize,
-    backlog: u32,
-) -> Result<(Vec<OwnedFd>, SocketAddr), ServerError> {
-    let mut out = Vec::with_capacity(count);
-    let mut bound = addr;
-    for _ in 0..count.max(1) {
-        let err = |source| ServerError::Bind {
-            addr: bound,
-            source,
-        };
-        let sock = Socket::new(
-            Domain::for_address(bound),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .map_err(err)?;
-        sock.set_reuse_address(true).map_err(err)?;
-        sock.set_reuse_port(true).map_err(err)?;
-        sock.set_cloexec(true).map_err(err)?;
-        sock.bind(&bound.into()).map_err(err)?;
-        sock.listen(backlog.min(i32::MAX as u32) as i32)
-            .map_err(err)?;
-        if bound.port() == 0 {
-            bound = sock
-                .local_addr()
-                .map_err(err)?
-                .as_socket()
-                .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
-        }
-        out.push(OwnedFd::from(sock));
-    }
-    Ok((out, bound))
+    Tickets(#[from] crate::tls::tickets::TicketError),
 }
 
 /// The CPUs this process may run on (its affinity mask, which honours
@@ -184,11 +147,8 @@ fn open_ticketer(
         }
         Err(e) => {
             tracing::warn!("session ticket keys: {e}; keeping them in memory only");
-            let keys = TicketKeys::generate(std::time::SystemTime::now())
-                .map_err(|e| ServerError::Tickets(e.to_string()))?;
-            PersistentTicketer::new(keys, None)
-                .map(Arc::new)
-                .map_err(|e| ServerError::Tickets(e.to_string()))
+            let keys = TicketKeys::generate(std::time::SystemTime::now())?;
+            Ok(Arc::new(PersistentTicketer::new(keys, None)?))
         }
     }
 }
@@ -256,9 +216,41 @@ pub fn assemble(
     })
 }
 
-/// The address a listening descriptor is bound to.
-pub fn bound_addr(fd: &OwnedFd) -> Option<SocketAddr> {
-    socket2::SockRef::from(fd).local_addr().ok()?.as_socket()
+/// kTLS: detected once; the userspace record layer serves either way
+/// (the kernel hand-off is not implemented; see `tls::ktls`).
+fn set_record_layer(runtime: &Runtime) {
+    let support = crate::tls::ktls::detect();
+    let layer = match (&support, crate::tls::ktls::record_path(&support)) {
+        (_, crate::tls::ktls::RecordPath::Kernel) => "kernel".to_owned(),
+        (crate::tls::ktls::KtlsSupport::Available, _) => {
+            "userspace (kTLS available; kernel hand-off not implemented)".to_owned()
+        }
+        (crate::tls::ktls::KtlsSupport::Unsupported(e), _) => {
+            format!("userspace (kTLS unavailable: {e})")
+        }
+    };
+    info!(record_layer = %layer, "TLS record layer");
+    *runtime
+        .record_layer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = layer;
+}
+
+/// `[metrics] listen`: the HTTP endpoint. A bind failure stops the start,
+/// except after a committed hand-over: this process is then the only one
+/// left serving agents, and nothing optional may stop it.
+fn start_metrics_endpoint(runtime: &Runtime, took_over: bool) -> Result<(), ServerError> {
+    let Some(addr) = runtime.config.metrics.listen else {
+        return Ok(());
+    };
+    match crate::control::http::spawn(addr, runtime.config.server.control_socket.clone()) {
+        Ok(()) => Ok(()),
+        Err(e) if took_over => {
+            tracing::warn!("metrics endpoint not started: {e}");
+            Ok(())
+        }
+        Err(source) => Err(ListenError { addr, source }.into()),
+    }
 }
 
 /// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
@@ -281,23 +273,7 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         .any(|a| !a.conns.is_empty() || !a.records.is_empty() || a.events.is_some());
     let mut adopted: Vec<Option<shard::Adopted>> = adopted.into_iter().map(Some).collect();
     spawn_ticket_rotation(runtime.clone());
-    // kTLS: detected once; the userspace record layer serves either way
-    // (the kernel hand-off is not implemented; see lean::ktls).
-    let support = crate::tls::ktls::detect();
-    let layer = match (&support, crate::tls::ktls::record_path(&support)) {
-        (_, crate::tls::ktls::RecordPath::Kernel) => "kernel".to_owned(),
-        (crate::tls::ktls::KtlsSupport::Available, _) => {
-            "userspace (kTLS available; kernel hand-off not implemented)".to_owned()
-        }
-        (crate::tls::ktls::KtlsSupport::Unsupported(e), _) => {
-            format!("userspace (kTLS unavailable: {e})")
-        }
-    };
-    info!(record_layer = %layer, "TLS record layer");
-    *runtime
-        .record_layer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = layer;
+    set_record_layer(&runtime);
     runtime.set_listener_fds(
         listeners
             .iter()
@@ -311,17 +287,7 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = cpus.clone();
     info!(listen = %runtime.listen, shards, "presenced listening");
-    if let Some(addr) = runtime.config.metrics.listen {
-        let spawned =
-            crate::control::http::spawn(addr, runtime.config.server.control_socket.clone());
-        match spawned {
-            Ok(()) => {}
-            // After a committed hand-over this process is the only one left
-            // serving agents: nothing optional may stop it now.
-            Err(e) if took_over => tracing::warn!("metrics endpoint not started: {e}"),
-            Err(source) => return Err(ServerError::Bind { addr, source }),
-        }
-    }
+    start_metrics_endpoint(&runtime, took_over)?;
     let mesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
     let mut handles = Vec::with_capacity(shards);
     for (id, fd) in listeners.into_iter().enumerate() {
@@ -347,7 +313,7 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
             .spawn(move || shard::run(id, rt, mesh, fd, control, adoption))
             .map_err(|e| ServerError::Executor {
                 shard: id,
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         handles.push(handle);
     }

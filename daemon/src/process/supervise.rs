@@ -44,6 +44,12 @@ pub fn reloaded(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// The reload notifications the control socket sends.
+pub const NOTIFIER: crate::control::socket::Notifier = crate::control::socket::Notifier {
+    reloading,
+    reloaded,
+};
+
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }

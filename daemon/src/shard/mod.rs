@@ -31,7 +31,7 @@ use crate::presence::table::{owner_shard, ConnRef, GoneReason, PresenceTable, Tr
 use crate::shared::Runtime;
 
 /// The shard that numbers events and serves the control socket.
-pub const EVENT_SHARD: usize = 0;
+pub use crate::presence::events::EVENT_SHARD;
 
 /// What an agent's record looks like to `agent <id>`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -798,7 +798,9 @@ pub async fn run(
     if let Some(control) = control {
         let s = shard.clone();
         glommio::spawn_local(async move {
-            if let Err(e) = crate::control::socket::serve(s, control).await {
+            if let Err(e) =
+                crate::control::socket::serve(s, control, crate::process::supervise::NOTIFIER).await
+            {
                 warn!("control socket stopped: {e}");
             }
         })
@@ -861,14 +863,14 @@ async fn supervise(shard: Rc<Shard>) {
     while !shard.is_shutting_down() {
         if rt.reload_requested.swap(false, Ordering::SeqCst) {
             info!("SIGHUP: reloading");
-            let _ = crate::control::socket::reload(&shard);
+            let _ = crate::control::socket::reload(&shard, crate::process::supervise::NOTIFIER);
         }
         if Instant::now() >= next_status {
             // Every shard must answer: a stuck shard stops the watchdog pings.
-            let v = crate::control::socket::gather_stats(&shard).await;
+            let v = crate::control::stats::gather_stats(&shard).await;
             crate::process::supervise::status(&format!(
                 "{} agents online, {} connections, {} shards",
-                v["agents_online"], v["connections"], v["shards"]
+                v.agents_online, v.connections, v.shards
             ));
             crate::process::supervise::watchdog();
             next_status = Instant::now() + status_every;

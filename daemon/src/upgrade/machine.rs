@@ -59,7 +59,7 @@ const FAIL_GRACE: Duration = Duration::from_millis(500);
 /// Steps of the hand-over; also the `step` field of every message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Step {
+pub enum UpgradeStep {
     Prepare,
     Listeners,
     Quiesce(usize),
@@ -70,17 +70,17 @@ pub enum Step {
     Exit,
 }
 
-impl fmt::Display for Step {
+impl fmt::Display for UpgradeStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::Prepare => f.write_str("prepare"),
-            Step::Listeners => f.write_str("listeners"),
-            Step::Quiesce(i) => write!(f, "quiesce shard {i}"),
-            Step::Transfer(i) => write!(f, "transfer shard {i}"),
-            Step::Global => f.write_str("global state"),
-            Step::Confirm => f.write_str("confirm"),
-            Step::Commit => f.write_str("commit"),
-            Step::Exit => f.write_str("exit"),
+            UpgradeStep::Prepare => f.write_str("prepare"),
+            UpgradeStep::Listeners => f.write_str("listeners"),
+            UpgradeStep::Quiesce(i) => write!(f, "quiesce shard {i}"),
+            UpgradeStep::Transfer(i) => write!(f, "transfer shard {i}"),
+            UpgradeStep::Global => f.write_str("global state"),
+            UpgradeStep::Confirm => f.write_str("confirm"),
+            UpgradeStep::Commit => f.write_str("commit"),
+            UpgradeStep::Exit => f.write_str("exit"),
         }
     }
 }
@@ -90,30 +90,33 @@ impl fmt::Display for Step {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
     /// First message. No fds.
-    Manifest { step: Step, manifest: Manifest },
+    Manifest {
+        step: UpgradeStep,
+        manifest: Manifest,
+    },
     /// Listening sockets `first .. first+count` (shard order); `count` fds.
     Listeners {
-        step: Step,
+        step: UpgradeStep,
         first: usize,
         count: usize,
     },
     /// A batch of a shard's connections; one fd per entry, same order.
     Conns {
-        step: Step,
+        step: UpgradeStep,
         shard: usize,
         batch: u32,
         conns: Vec<ConnHandoff>,
     },
     /// A batch of the presence records a shard owns. No fds.
     Records {
-        step: Step,
+        step: UpgradeStep,
         shard: usize,
         batch: u32,
         records: Vec<PresenceRecordHandoff>,
     },
     /// End of a shard: what the batches must add up to.
     ShardDone {
-        step: Step,
+        step: UpgradeStep,
         shard: usize,
         conns: u64,
         records: u64,
@@ -125,13 +128,13 @@ pub enum Msg {
     },
     /// A batch of the event ring, oldest first.
     Events {
-        step: Step,
+        step: UpgradeStep,
         batch: u32,
         events: Vec<EventHandoff>,
     },
     /// End of the transfer, with the totals the manifest announced.
     GlobalDone {
-        step: Step,
+        step: UpgradeStep,
         events: u64,
         batches: u32,
         next_event_seq: u64,
@@ -144,17 +147,17 @@ pub enum Msg {
     },
     /// Source: the target may start serving; the source will not resume
     /// unless the target fails before Serving.
-    Commit { step: Step },
+    Commit { step: UpgradeStep },
     /// Source: giving up at `step`; the target must exit.
-    Abort { step: Step, reason: String },
+    Abort { step: UpgradeStep, reason: String },
     /// Target: `step` done, `items` adopted.
-    Ack { step: Step, items: u64 },
+    Ack { step: UpgradeStep, items: u64 },
     /// Target: refusing at `step`; the target exits after sending this.
-    Fail { step: Step, reason: String },
+    Fail { step: UpgradeStep, reason: String },
     /// Target: everything adopted and ready; waiting for Commit.
-    Confirm { step: Step, pid: u32 },
+    Confirm { step: UpgradeStep, pid: u32 },
     /// Target: serving (MAINPID sent); the source may exit.
-    Serving { step: Step, pid: u32 },
+    Serving { step: UpgradeStep, pid: u32 },
 }
 
 impl Msg {
@@ -195,18 +198,20 @@ pub enum FailKind {
     Check(#[from] ManifestError),
     #[error("{0}")]
     Invalid(String),
+    #[error("listener {index}: {source}")]
+    Listener { index: usize, source: ListenerError },
 }
 
 /// A hand-over that did not complete, and the step it stopped at.
 #[derive(Debug, Error)]
 #[error("upgrade failed at {step}: {kind}")]
 pub struct UpgradeError {
-    pub step: Step,
+    pub step: UpgradeStep,
     pub kind: FailKind,
 }
 
 impl UpgradeError {
-    fn new(step: Step, kind: impl Into<FailKind>) -> Self {
+    fn new(step: UpgradeStep, kind: impl Into<FailKind>) -> Self {
         UpgradeError {
             step,
             kind: kind.into(),
@@ -265,21 +270,23 @@ pub struct GlobalState {
 
 /// The old daemon's side. Called from one std thread, in order.
 pub trait Source {
+    /// The daemon's own failure; its text becomes the Abort reason.
+    type Error: std::error::Error;
     /// Freeze every shard: stop accepting, stop applying frames, closes and
     /// timers, so that presence, events and connection state stop changing
     /// (and no mesh message is in flight) until `resume_all` or `finish`.
     /// The manifest is built right after, and its totals must be exact.
-    fn prepare(&mut self) -> Result<(), String>;
+    fn prepare(&mut self) -> Result<(), Self::Error>;
     fn manifest(&mut self) -> Manifest;
     /// Duplicates of the listening sockets, shard order, `manifest.shards`
     /// of them. The machine closes the duplicates; the daemon keeps its own.
-    fn listeners(&mut self) -> Result<Vec<OwnedFd>, String>;
+    fn listeners(&mut self) -> Result<Vec<OwnedFd>, Self::Error>;
     /// Stop shard `shard` for good (cancel its pending socket I/O, so no
     /// byte is consumed after the snapshot) and describe it.
-    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, String>;
+    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, Self::Error>;
     /// Event ring, next seq, ticket keys; called after every shard is
     /// quiesced.
-    fn global_state(&mut self) -> Result<GlobalState, String>;
+    fn global_state(&mut self) -> Result<GlobalState, Self::Error>;
     /// A step failed: make sure the target is gone (kill and reap the child)
     /// before anything is resumed, so two processes never serve one socket.
     fn stop_target(&mut self);
@@ -295,12 +302,14 @@ pub trait Source {
 
 /// The new daemon's side. Called before its shards start.
 pub trait Target {
+    /// The daemon's own failure; its text becomes the Fail reason.
+    type Error: std::error::Error;
     /// Beyond protocol and structure (checked by the machine): the shard
     /// count and listen address against the local config, e.g. with
     /// `Manifest::check_local`.
-    fn check_manifest(&mut self, manifest: &Manifest) -> Result<(), String>;
+    fn check_manifest(&mut self, manifest: &Manifest) -> Result<(), Self::Error>;
     /// The listening sockets, shard order. Do not accept yet.
-    fn adopt_listeners(&mut self, listeners: Vec<OwnedFd>) -> Result<(), String>;
+    fn adopt_listeners(&mut self, listeners: Vec<OwnedFd>) -> Result<(), Self::Error>;
     /// A shard's connections (with their sockets) and owned records. Do not
     /// read or write the sockets yet.
     fn adopt_shard(
@@ -308,14 +317,14 @@ pub trait Target {
         shard: usize,
         conns: Vec<(ConnHandoff, OwnedFd)>,
         records: Vec<PresenceRecordHandoff>,
-    ) -> Result<(), String>;
-    fn adopt_global(&mut self, global: GlobalState) -> Result<(), String>;
+    ) -> Result<(), Self::Error>;
+    fn adopt_global(&mut self, global: GlobalState) -> Result<(), Self::Error>;
     /// Last step that may fail: build everything needed to serve, without
     /// touching any socket. Confirm is sent when this succeeds.
-    fn ready(&mut self) -> Result<(), String>;
+    fn ready(&mut self) -> Result<(), Self::Error>;
     /// The source committed: send `MAINPID=<own pid>` and `READY=1`, start
     /// serving. If this fails it must not have touched any socket.
-    fn commit(&mut self) -> Result<(), String>;
+    fn commit(&mut self) -> Result<(), Self::Error>;
 }
 
 /// What a successful hand-over moved.
@@ -327,7 +336,7 @@ pub struct SourceOutcome {
     pub records: u64,
     pub events: u64,
     pub uncarried: u64,
-    pub transitions: Vec<Step>,
+    pub transitions: Vec<UpgradeStep>,
     pub elapsed: Duration,
 }
 
@@ -338,32 +347,32 @@ pub struct TargetOutcome {
     pub connections: u64,
     pub records: u64,
     pub events: u64,
-    pub transitions: Vec<Step>,
+    pub transitions: Vec<UpgradeStep>,
 }
 
 /// Shared plumbing: the socket, the current step, the transition log.
 struct Side {
     sock: UnixStream,
     timeout: Duration,
-    step: Step,
-    transitions: Vec<Step>,
+    step: UpgradeStep,
+    transitions: Vec<UpgradeStep>,
     role: &'static str,
 }
 
 impl Side {
     /// A side of the hand-over, at its first step.
     fn start(sock: UnixStream, timeout: Duration, role: &'static str) -> Side {
-        info!(role, step = %Step::Prepare, "upgrade: start");
+        info!(role, step = %UpgradeStep::Prepare, "upgrade: start");
         Side {
             sock,
             timeout,
-            step: Step::Prepare,
-            transitions: vec![Step::Prepare],
+            step: UpgradeStep::Prepare,
+            transitions: vec![UpgradeStep::Prepare],
             role,
         }
     }
 
-    fn enter(&mut self, step: Step) {
+    fn enter(&mut self, step: UpgradeStep) {
         info!(role = self.role, from = %self.step, to = %step, "upgrade: step");
         self.step = step;
         self.transitions.push(step);
@@ -377,10 +386,10 @@ impl Side {
         UpgradeError::new(self.step, kind)
     }
 
-    fn local(&self, what: impl Into<String>, reason: String) -> UpgradeError {
+    fn local(&self, what: impl Into<String>, reason: impl fmt::Display) -> UpgradeError {
         self.err(FailKind::Local {
             what: what.into(),
-            reason,
+            reason: reason.to_string(),
         })
     }
 
@@ -454,7 +463,7 @@ pub fn run_source<S: Source>(
     let mut side = Side::start(sock, timeout, "source");
     match drive_source(&mut side, src) {
         Ok(mut out) => {
-            side.enter(Step::Exit);
+            side.enter(UpgradeStep::Exit);
             src.finish();
             out.transitions = side.transitions;
             out.elapsed = started.elapsed();
@@ -496,12 +505,62 @@ pub fn run_source<S: Source>(
     }
 }
 
+/// Connections and records moved so far, and connections left behind.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moved {
+    conns: u64,
+    records: u64,
+    uncarried: u64,
+}
+
+impl Moved {
+    fn add(&mut self, other: Moved) {
+        self.conns += other.conns;
+        self.records += other.records;
+        self.uncarried = self.uncarried.saturating_add(other.uncarried);
+    }
+}
+
+/// Every `(what, announced, got)` must agree.
+fn check_counts(side: &Side, counts: &[(&'static str, u64, u64)]) -> Result<(), UpgradeError> {
+    for &(what, expected, got) in counts {
+        if expected != got {
+            return Err(side.err(ManifestError::Count {
+                what,
+                expected,
+                got,
+            }));
+        }
+    }
+    Ok(())
+}
+
 fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome, UpgradeError> {
-    // Prepare: freeze, then describe the frozen state.
+    let m = source_prepare(side, src)?;
+    source_listeners(side, src, m.shards)?;
+    let mut moved = Moved::default();
+    for shard in 0..m.shards {
+        moved.add(source_shard(side, src, shard, m.shards)?);
+    }
+    let events = source_global(side, src, &m, moved)?;
+    let pid = source_commit(side)?;
+    Ok(SourceOutcome {
+        target_pid: pid,
+        shards: m.shards,
+        connections: moved.conns,
+        records: moved.records,
+        events,
+        uncarried: moved.uncarried,
+        transitions: Vec::new(),
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// Prepare: freeze, then describe the frozen state.
+fn source_prepare<S: Source>(side: &mut Side, src: &mut S) -> Result<Manifest, UpgradeError> {
     src.prepare().map_err(|r| side.local("prepare", r))?;
     let m = src.manifest();
     m.validate().map_err(|e| side.err(e))?;
-    let shards = m.shards;
     side.send(
         &Msg::Manifest {
             step: side.step,
@@ -510,17 +569,21 @@ fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome
         &[],
     )?;
     side.expect_ack(0)?;
+    Ok(m)
+}
 
-    // Listeners.
-    side.enter(Step::Listeners);
+/// Listeners: one per shard, in batches of at most `SCM_MAX_FD`.
+fn source_listeners<S: Source>(
+    side: &mut Side,
+    src: &mut S,
+    shards: usize,
+) -> Result<(), UpgradeError> {
+    side.enter(UpgradeStep::Listeners);
     let listeners = src.listeners().map_err(|r| side.local("listeners", r))?;
-    if listeners.len() != shards {
-        return Err(side.err(ManifestError::Count {
-            what: "listeners",
-            expected: shards as u64,
-            got: listeners.len() as u64,
-        }));
-    }
+    check_counts(
+        side,
+        &[("listeners", shards as u64, listeners.len() as u64)],
+    )?;
     for (i, chunk) in listeners.chunks(SCM_MAX_FD).enumerate() {
         let fds: Vec<BorrowedFd> = chunk.iter().map(|f| f.as_fd()).collect();
         let msg = Msg::Listeners {
@@ -531,112 +594,126 @@ fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome
         side.send(&msg, &fds)?;
     }
     drop(listeners);
-    side.expect_ack(shards as u64)?;
+    side.expect_ack(shards as u64)
+}
 
-    // Shards, one at a time.
-    let (mut conns_total, mut records_total, mut uncarried_total) = (0u64, 0u64, 0u64);
-    for shard in 0..shards {
-        side.enter(Step::Quiesce(shard));
-        let snap = src
-            .quiesce_shard(shard)
-            .map_err(|r| side.local(format!("quiesce shard {shard}"), r))?;
-        // Check our own output before it leaves: a bug in this binary must
-        // fail the upgrade here, not in the new process.
-        for (i, (c, _)) in snap.conns.iter().enumerate() {
-            c.validate(shard).map_err(|what| {
-                side.err(ManifestError::Conn {
-                    shard,
-                    index: i,
-                    what,
-                })
-            })?;
+/// Quiesce(shard), then Transfer(shard): its connections (with their fds),
+/// its records, and ShardDone with the counts.
+fn source_shard<S: Source>(
+    side: &mut Side,
+    src: &mut S,
+    shard: usize,
+    shards: usize,
+) -> Result<Moved, UpgradeError> {
+    side.enter(UpgradeStep::Quiesce(shard));
+    let snap = src
+        .quiesce_shard(shard)
+        .map_err(|r| side.local(format!("quiesce shard {shard}"), r))?;
+    check_snapshot(side, &snap, shard, shards)?;
+    side.enter(UpgradeStep::Transfer(shard));
+    let moved = Moved {
+        conns: snap.conns.len() as u64,
+        records: snap.records.len() as u64,
+        uncarried: snap.uncarried,
+    };
+    let mut batch = 0u32;
+    let mut conns = snap.conns.into_iter();
+    loop {
+        let (hand, fds): (Vec<ConnHandoff>, Vec<ConnFd>) = conns.by_ref().take(SCM_MAX_FD).unzip();
+        if hand.is_empty() {
+            break;
         }
-        for r in &snap.records {
-            r.validate(shard, shards).map_err(|what| {
-                side.err(ManifestError::Record {
-                    shard,
-                    agent: r.agent.clone(),
-                    what,
-                })
-            })?;
-        }
-        side.enter(Step::Transfer(shard));
-        let (n_conns, n_records) = (snap.conns.len() as u64, snap.records.len() as u64);
-        let mut batch = 0u32;
-        let mut conns = snap.conns.into_iter();
-        loop {
-            let (hand, fds): (Vec<ConnHandoff>, Vec<ConnFd>) =
-                conns.by_ref().take(SCM_MAX_FD).unzip();
-            if hand.is_empty() {
-                break;
-            }
-            let borrowed: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
-            debug!(shard, batch, conns = hand.len(), "upgrade: sending conns");
-            let msg = Msg::Conns {
-                step: side.step,
-                shard,
-                batch,
-                conns: hand,
-            };
-            side.send(&msg, &borrowed)?;
-            batch += 1;
-        }
-        for chunk in snap.records.chunks(RECORDS_PER_MSG) {
-            let msg = Msg::Records {
-                step: side.step,
-                shard,
-                batch,
-                records: chunk.to_vec(),
-            };
-            side.send(&msg, &[])?;
-            batch += 1;
-        }
-        side.send(
-            &Msg::ShardDone {
-                step: side.step,
-                shard,
-                conns: n_conns,
-                records: n_records,
-                batches: batch,
-                uncarried: snap.uncarried,
-            },
-            &[],
-        )?;
-        side.expect_ack(n_conns + n_records)?;
-        info!(
+        let borrowed: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+        debug!(shard, batch, conns = hand.len(), "upgrade: sending conns");
+        let msg = Msg::Conns {
+            step: side.step,
             shard,
-            conns = n_conns,
-            records = n_records,
-            uncarried = snap.uncarried,
-            "upgrade: shard handed over"
-        );
-        conns_total += n_conns;
-        records_total += n_records;
-        uncarried_total += snap.uncarried;
+            batch,
+            conns: hand,
+        };
+        side.send(&msg, &borrowed)?;
+        batch += 1;
     }
+    for chunk in snap.records.chunks(RECORDS_PER_MSG) {
+        let msg = Msg::Records {
+            step: side.step,
+            shard,
+            batch,
+            records: chunk.to_vec(),
+        };
+        side.send(&msg, &[])?;
+        batch += 1;
+    }
+    side.send(
+        &Msg::ShardDone {
+            step: side.step,
+            shard,
+            conns: moved.conns,
+            records: moved.records,
+            batches: batch,
+            uncarried: moved.uncarried,
+        },
+        &[],
+    )?;
+    side.expect_ack(moved.conns + moved.records)?;
+    info!(
+        shard,
+        conns = moved.conns,
+        records = moved.records,
+        uncarried = moved.uncarried,
+        "upgrade: shard handed over"
+    );
+    Ok(moved)
+}
 
-    // Global state, and the manifest's totals checked on this side too.
-    side.enter(Step::Global);
+/// Check our own output before it leaves: a bug in this binary must fail
+/// the upgrade here, not in the new process.
+fn check_snapshot(
+    side: &Side,
+    snap: &ShardSnapshot,
+    shard: usize,
+    shards: usize,
+) -> Result<(), UpgradeError> {
+    for (index, (c, _)) in snap.conns.iter().enumerate() {
+        c.validate(shard)
+            .map_err(|what| side.err(ManifestError::Conn { shard, index, what }))?;
+    }
+    for r in &snap.records {
+        r.validate(shard, shards).map_err(|what| {
+            side.err(ManifestError::Record {
+                shard,
+                agent: r.agent.clone(),
+                what,
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// Global state, and the manifest's totals checked on this side too.
+/// Returns the number of events sent.
+fn source_global<S: Source>(
+    side: &mut Side,
+    src: &mut S,
+    m: &Manifest,
+    moved: Moved,
+) -> Result<u64, UpgradeError> {
+    side.enter(UpgradeStep::Global);
     let g = src
         .global_state()
         .map_err(|r| side.local("global state", r))?;
-    for (what, expected, got) in [
-        (
-            "connections (carried + uncarried)",
-            m.connections_total,
-            conns_total + uncarried_total,
-        ),
-        ("presence records", m.agents_total, records_total),
-        ("next event seq", m.next_event_seq, g.next_event_seq),
-    ] {
-        if expected != got {
-            return Err(side.err(ManifestError::Count {
-                what,
-                expected,
-                got,
-            }));
-        }
-    }
+    check_counts(
+        side,
+        &[
+            (
+                "connections (carried + uncarried)",
+                m.connections_total,
+                moved.conns + moved.uncarried,
+            ),
+            ("presence records", m.agents_total, moved.records),
+            ("next event seq", m.next_event_seq, g.next_event_seq),
+        ],
+    )?;
     validate_events(&g.events, g.next_event_seq).map_err(|e| side.err(e))?;
     let mut batch = 0u32;
     for chunk in g.events.chunks(EVENTS_PER_MSG) {
@@ -648,50 +725,48 @@ fn drive_source<S: Source>(side: &mut Side, src: &mut S) -> Result<SourceOutcome
         side.send(&msg, &[])?;
         batch += 1;
     }
+    let events = g.events.len() as u64;
     side.send(
         &Msg::GlobalDone {
             step: side.step,
-            events: g.events.len() as u64,
+            events,
             batches: batch,
             next_event_seq: g.next_event_seq,
             ticket_keys: g.ticket_keys,
-            connections_total: conns_total,
-            uncarried_total,
-            agents_total: records_total,
+            connections_total: moved.conns,
+            uncarried_total: moved.uncarried,
+            agents_total: moved.records,
         },
         &[],
     )?;
+    Ok(events)
+}
 
-    // Confirm: the target adopted everything and is ready.
-    side.enter(Step::Confirm);
+/// Confirm (the target adopted everything and is ready), then Commit: from
+/// here on the target may touch the sockets. Returns the target's pid.
+fn source_commit(side: &mut Side) -> Result<u32, UpgradeError> {
+    side.enter(UpgradeStep::Confirm);
     let pid = match side.recv()? {
         Msg::Confirm {
-            step: Step::Confirm,
+            step: UpgradeStep::Confirm,
             pid,
         } => pid,
         m => return Err(side.protocol("confirm", &m)),
     };
-
-    // Commit: from here on the target may touch the sockets.
-    side.enter(Step::Commit);
-    side.send(&Msg::Commit { step: Step::Commit }, &[])?;
+    side.enter(UpgradeStep::Commit);
+    side.send(
+        &Msg::Commit {
+            step: UpgradeStep::Commit,
+        },
+        &[],
+    )?;
     match side.recv()? {
         Msg::Serving {
-            step: Step::Commit,
+            step: UpgradeStep::Commit,
             pid: p,
-        } if p == pid => {}
-        m => return Err(side.protocol(format!("serving from pid {pid}"), &m)),
+        } if p == pid => Ok(pid),
+        m => Err(side.protocol(format!("serving from pid {pid}"), &m)),
     }
-    Ok(SourceOutcome {
-        target_pid: pid,
-        shards,
-        connections: conns_total,
-        records: records_total,
-        events: g.events.len() as u64,
-        uncarried: uncarried_total,
-        transitions: Vec::new(),
-        elapsed: Duration::ZERO,
-    })
 }
 
 // ---------------------------------------------------------------- target
@@ -708,7 +783,7 @@ pub fn run_target<T: Target>(
     let mut side = Side::start(sock, timeout, "target");
     match drive_target(&mut side, tgt) {
         Ok(mut out) => {
-            side.enter(Step::Exit);
+            side.enter(UpgradeStep::Exit);
             out.transitions = side.transitions;
             info!(
                 connections = out.connections,
@@ -743,12 +818,51 @@ pub fn run_target<T: Target>(
 }
 
 fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome, UpgradeError> {
-    // Prepare: the manifest.
+    let m = target_prepare(side, tgt)?;
+    target_listeners(side, tgt, &m)?;
+    let mut moved = Moved::default();
+    for shard in 0..m.shards {
+        side.enter(UpgradeStep::Transfer(shard));
+        let got = receive_shard(side, shard, &m, moved)?;
+        let items = (got.conns.len() + got.records.len()) as u64;
+        moved.add(Moved {
+            conns: got.conns.len() as u64,
+            records: got.records.len() as u64,
+            uncarried: got.uncarried,
+        });
+        tgt.adopt_shard(shard, got.conns, got.records)
+            .map_err(|r| side.local(format!("adopt shard {shard}"), r))?;
+        side.send(
+            &Msg::Ack {
+                step: side.step,
+                items,
+            },
+            &[],
+        )?;
+    }
+    side.enter(UpgradeStep::Global);
+    let global = receive_global(side, &m, moved)?;
+    let events = global.events.len() as u64;
+    tgt.adopt_global(global)
+        .map_err(|r| side.local("adopt global state", r))?;
+    tgt.ready().map_err(|r| side.local("ready", r))?;
+    target_commit(side, tgt)?;
+    Ok(TargetOutcome {
+        manifest: m,
+        connections: moved.conns,
+        records: moved.records,
+        events,
+        transitions: Vec::new(),
+    })
+}
+
+/// Prepare: the manifest, checked structurally and against the local config.
+fn target_prepare<T: Target>(side: &mut Side, tgt: &mut T) -> Result<Manifest, UpgradeError> {
     let (msg, fds) = side.recv_fds()?;
     side.no_fds(&msg, &fds)?;
     let m = match msg {
         Msg::Manifest {
-            step: Step::Prepare,
+            step: UpgradeStep::Prepare,
             manifest,
         } => manifest,
         m => return Err(side.protocol("manifest", &m)),
@@ -771,17 +885,24 @@ fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome
         },
         &[],
     )?;
+    Ok(m)
+}
+
+/// Listeners: every one a listening stream socket on the manifest's address.
+fn target_listeners<T: Target>(
+    side: &mut Side,
+    tgt: &mut T,
+    m: &Manifest,
+) -> Result<(), UpgradeError> {
     let shards = m.shards;
     let want_addr = m.listen.parse::<std::net::SocketAddr>().ok();
-
-    // Listeners.
-    side.enter(Step::Listeners);
+    side.enter(UpgradeStep::Listeners);
     let mut listeners: Vec<OwnedFd> = Vec::with_capacity(shards);
     while listeners.len() < shards {
         let (msg, fds) = side.recv_fds()?;
         match msg {
             Msg::Listeners {
-                step: Step::Listeners,
+                step: UpgradeStep::Listeners,
                 first,
                 count,
             } if first == listeners.len()
@@ -800,11 +921,11 @@ fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome
             }
         }
         for fd in fds {
-            check_listener(fd.as_fd(), want_addr).map_err(|what| {
-                side.err(FailKind::Invalid(format!(
-                    "listener {}: {what}",
-                    listeners.len()
-                )))
+            check_listener(fd.as_fd(), want_addr).map_err(|source| {
+                side.err(FailKind::Listener {
+                    index: listeners.len(),
+                    source,
+                })
             })?;
             listeners.push(fd);
         }
@@ -817,131 +938,160 @@ fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome
             items: shards as u64,
         },
         &[],
-    )?;
+    )
+}
 
-    // Shards.
-    let (mut conns_total, mut records_total, mut uncarried_total) = (0u64, 0u64, 0u64);
-    for shard in 0..shards {
-        side.enter(Step::Transfer(shard));
-        let mut conns: Vec<(ConnHandoff, OwnedFd)> = Vec::new();
-        let mut records: Vec<PresenceRecordHandoff> = Vec::new();
-        let mut next_batch = 0u32;
-        loop {
-            let (msg, fds) = side.recv_fds()?;
-            match msg {
-                Msg::Conns {
-                    step: Step::Transfer(s),
-                    shard: sh,
-                    batch,
-                    conns: batch_conns,
-                } if s == shard && sh == shard && batch == next_batch => {
-                    if batch_conns.len() != fds.len() || batch_conns.is_empty() {
-                        return Err(side.err(FailKind::Invalid(format!(
-                            "conns batch {batch} of shard {shard}: {} entries but {} fds",
-                            batch_conns.len(),
-                            fds.len()
-                        ))));
-                    }
-                    if conns_total + (conns.len() + batch_conns.len()) as u64 > m.connections_total
-                    {
-                        return Err(side.err(FailKind::Invalid(format!(
-                            "more connections than the manifest's {}",
-                            m.connections_total
-                        ))));
-                    }
-                    for (c, fd) in batch_conns.into_iter().zip(fds) {
-                        c.validate(shard).map_err(|what| {
-                            side.err(ManifestError::Conn {
-                                shard,
-                                index: conns.len(),
-                                what,
-                            })
-                        })?;
-                        conns.push((c, fd));
-                    }
-                }
-                Msg::Records {
-                    step: Step::Transfer(s),
-                    shard: sh,
-                    batch,
-                    records: batch_records,
-                } if s == shard && sh == shard && batch == next_batch && fds.is_empty() => {
-                    if records_total + (records.len() + batch_records.len()) as u64 > m.agents_total
-                    {
-                        return Err(side.err(FailKind::Invalid(format!(
-                            "more presence records than the manifest's {}",
-                            m.agents_total
-                        ))));
-                    }
-                    for r in batch_records {
-                        r.validate(shard, shards).map_err(|what| {
-                            side.err(ManifestError::Record {
-                                shard,
-                                agent: r.agent.clone(),
-                                what,
-                            })
-                        })?;
-                        records.push(r);
-                    }
-                }
-                Msg::ShardDone {
-                    step: Step::Transfer(s),
-                    shard: sh,
-                    conns: n_conns,
-                    records: n_records,
-                    batches,
-                    uncarried,
-                } if s == shard && sh == shard && fds.is_empty() => {
-                    for (what, expected, got) in [
-                        ("batches", u64::from(batches), u64::from(next_batch)),
-                        ("connections", n_conns, conns.len() as u64),
-                        ("presence records", n_records, records.len() as u64),
-                    ] {
-                        if expected != got {
-                            return Err(side.err(ManifestError::Count {
-                                what,
-                                expected,
-                                got,
-                            }));
-                        }
-                    }
-                    debug!(shard, uncarried, "upgrade: shard received");
-                    uncarried_total = uncarried_total.saturating_add(uncarried);
-                    break;
-                }
-                m => {
-                    return Err(side.protocol(
-                        format!("batch {next_batch} or shard done of shard {shard}"),
-                        &m,
-                    ))
-                }
+/// One shard's transfer as received.
+#[derive(Default)]
+struct ShardIn {
+    conns: Vec<(ConnHandoff, OwnedFd)>,
+    records: Vec<PresenceRecordHandoff>,
+    uncarried: u64,
+}
+
+/// Transfer(shard): batches of connections and records, then ShardDone.
+/// `before` is what earlier shards brought (the manifest caps the totals).
+fn receive_shard(
+    side: &mut Side,
+    shard: usize,
+    m: &Manifest,
+    before: Moved,
+) -> Result<ShardIn, UpgradeError> {
+    let mut got = ShardIn::default();
+    let mut next_batch = 0u32;
+    loop {
+        let (msg, fds) = side.recv_fds()?;
+        match msg {
+            Msg::Conns {
+                step: UpgradeStep::Transfer(s),
+                shard: sh,
+                batch,
+                conns,
+            } if s == shard && sh == shard && batch == next_batch => {
+                take_conns(side, shard, batch, m, before, &mut got, conns, fds)?;
             }
-            next_batch += 1;
+            Msg::Records {
+                step: UpgradeStep::Transfer(s),
+                shard: sh,
+                batch,
+                records,
+            } if s == shard && sh == shard && batch == next_batch && fds.is_empty() => {
+                take_records(side, shard, m, before, &mut got, records)?;
+            }
+            Msg::ShardDone {
+                step: UpgradeStep::Transfer(s),
+                shard: sh,
+                conns,
+                records,
+                batches,
+                uncarried,
+            } if s == shard && sh == shard && fds.is_empty() => {
+                check_counts(
+                    side,
+                    &[
+                        ("batches", u64::from(batches), u64::from(next_batch)),
+                        ("connections", conns, got.conns.len() as u64),
+                        ("presence records", records, got.records.len() as u64),
+                    ],
+                )?;
+                debug!(shard, uncarried, "upgrade: shard received");
+                got.uncarried = uncarried;
+                return Ok(got);
+            }
+            m => {
+                return Err(side.protocol(
+                    format!("batch {next_batch} or shard done of shard {shard}"),
+                    &m,
+                ))
+            }
         }
-        let items = (conns.len() + records.len()) as u64;
-        conns_total += conns.len() as u64;
-        records_total += records.len() as u64;
-        tgt.adopt_shard(shard, conns, records)
-            .map_err(|r| side.local(format!("adopt shard {shard}"), r))?;
-        side.send(
-            &Msg::Ack {
-                step: side.step,
-                items,
-            },
-            &[],
-        )?;
+        next_batch += 1;
     }
+}
 
-    // Global state and the manifest's totals.
-    side.enter(Step::Global);
+/// A `Conns` batch: one fd per entry, within the manifest's total, each
+/// connection valid for this shard.
+#[allow(clippy::too_many_arguments)]
+fn take_conns(
+    side: &Side,
+    shard: usize,
+    batch: u32,
+    m: &Manifest,
+    before: Moved,
+    got: &mut ShardIn,
+    conns: Vec<ConnHandoff>,
+    fds: Vec<OwnedFd>,
+) -> Result<(), UpgradeError> {
+    if conns.len() != fds.len() || conns.is_empty() {
+        return Err(side.err(FailKind::Invalid(format!(
+            "conns batch {batch} of shard {shard}: {} entries but {} fds",
+            conns.len(),
+            fds.len()
+        ))));
+    }
+    if before.conns + (got.conns.len() + conns.len()) as u64 > m.connections_total {
+        return Err(side.err(FailKind::Invalid(format!(
+            "more connections than the manifest's {}",
+            m.connections_total
+        ))));
+    }
+    for (c, fd) in conns.into_iter().zip(fds) {
+        c.validate(shard).map_err(|what| {
+            side.err(ManifestError::Conn {
+                shard,
+                index: got.conns.len(),
+                what,
+            })
+        })?;
+        got.conns.push((c, fd));
+    }
+    Ok(())
+}
+
+/// A `Records` batch: within the manifest's total, each record owned by
+/// this shard.
+fn take_records(
+    side: &Side,
+    shard: usize,
+    m: &Manifest,
+    before: Moved,
+    got: &mut ShardIn,
+    records: Vec<PresenceRecordHandoff>,
+) -> Result<(), UpgradeError> {
+    if before.records + (got.records.len() + records.len()) as u64 > m.agents_total {
+        return Err(side.err(FailKind::Invalid(format!(
+            "more presence records than the manifest's {}",
+            m.agents_total
+        ))));
+    }
+    for r in records {
+        r.validate(shard, m.shards).map_err(|what| {
+            side.err(ManifestError::Record {
+                shard,
+                agent: r.agent.clone(),
+                what,
+            })
+        })?;
+        got.records.push(r);
+    }
+    Ok(())
+}
+
+/// Global: event batches, then GlobalDone with totals that must match what
+/// arrived and what the manifest announced.
+fn receive_global(
+    side: &mut Side,
+    m: &Manifest,
+    moved: Moved,
+) -> Result<GlobalState, UpgradeError> {
     let mut events: Vec<EventHandoff> = Vec::new();
     let mut next_batch = 0u32;
-    let global = loop {
+    loop {
         let (msg, fds) = side.recv_fds()?;
         side.no_fds(&msg, &fds)?;
         match msg {
             Msg::Events {
-                step: Step::Global,
+                step: UpgradeStep::Global,
                 batch,
                 events: ev,
             } if batch == next_batch => {
@@ -949,65 +1099,60 @@ fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome
                 next_batch += 1;
             }
             Msg::GlobalDone {
-                step: Step::Global,
+                step: UpgradeStep::Global,
                 events: n_events,
                 batches,
                 next_event_seq,
                 ticket_keys,
                 connections_total,
-                uncarried_total: sent_uncarried,
+                uncarried_total,
                 agents_total,
             } => {
-                for (what, expected, got) in [
-                    ("event batches", u64::from(batches), u64::from(next_batch)),
-                    ("events", n_events, events.len() as u64),
-                    ("connections (sent)", connections_total, conns_total),
-                    ("uncarried connections", sent_uncarried, uncarried_total),
-                    ("presence records (sent)", agents_total, records_total),
-                    (
-                        "connections (carried + uncarried)",
-                        m.connections_total,
-                        conns_total.saturating_add(uncarried_total),
-                    ),
-                    ("presence records", m.agents_total, records_total),
-                    ("next event seq", m.next_event_seq, next_event_seq),
-                ] {
-                    if expected != got {
-                        return Err(side.err(ManifestError::Count {
-                            what,
-                            expected,
-                            got,
-                        }));
-                    }
-                }
+                check_counts(
+                    side,
+                    &[
+                        ("event batches", u64::from(batches), u64::from(next_batch)),
+                        ("events", n_events, events.len() as u64),
+                        ("connections (sent)", connections_total, moved.conns),
+                        ("uncarried connections", uncarried_total, moved.uncarried),
+                        ("presence records (sent)", agents_total, moved.records),
+                        (
+                            "connections (carried + uncarried)",
+                            m.connections_total,
+                            moved.conns.saturating_add(moved.uncarried),
+                        ),
+                        ("presence records", m.agents_total, moved.records),
+                        ("next event seq", m.next_event_seq, next_event_seq),
+                    ],
+                )?;
                 validate_events(&events, next_event_seq).map_err(|e| side.err(e))?;
-                break GlobalState {
+                return Ok(GlobalState {
                     events,
                     next_event_seq,
                     ticket_keys,
-                };
+                });
             }
             m => return Err(side.protocol(format!("events batch {next_batch} or global done"), &m)),
         }
-    };
-    let n_events = global.events.len() as u64;
-    tgt.adopt_global(global)
-        .map_err(|r| side.local("adopt global state", r))?;
-    tgt.ready().map_err(|r| side.local("ready", r))?;
+    }
+}
 
-    // Confirm, then wait for the source to commit.
-    side.enter(Step::Confirm);
+/// Confirm, wait for the source's Commit, commit, report Serving.
+fn target_commit<T: Target>(side: &mut Side, tgt: &mut T) -> Result<(), UpgradeError> {
+    side.enter(UpgradeStep::Confirm);
     let pid = std::process::id();
     side.send(
         &Msg::Confirm {
-            step: Step::Confirm,
+            step: UpgradeStep::Confirm,
             pid,
         },
         &[],
     )?;
-    side.enter(Step::Commit);
+    side.enter(UpgradeStep::Commit);
     match side.recv()? {
-        Msg::Commit { step: Step::Commit } => {}
+        Msg::Commit {
+            step: UpgradeStep::Commit,
+        } => {}
         m => return Err(side.protocol("commit", &m)),
     }
     tgt.commit().map_err(|r| side.local("commit", r))?;
@@ -1015,44 +1160,60 @@ fn drive_target<T: Target>(side: &mut Side, tgt: &mut T) -> Result<TargetOutcome
     // and resumes, so a lost Serving is not harmless; report it.
     side.send(
         &Msg::Serving {
-            step: Step::Commit,
+            step: UpgradeStep::Commit,
             pid,
         },
         &[],
-    )?;
-    Ok(TargetOutcome {
-        manifest: m,
-        connections: conns_total,
-        records: records_total,
-        events: n_events,
-        transitions: Vec::new(),
-    })
+    )
+}
+
+/// Why a handed-over listening socket is refused.
+#[derive(Debug, Error)]
+pub enum ListenerError {
+    #[error("not a socket ({0})")]
+    NotSocket(nix::Error),
+    #[error("not listening")]
+    NotListening,
+    #[error("SO_TYPE: {0}")]
+    SockType(nix::Error),
+    #[error("socket type {0:?}, expected stream")]
+    NotStream(SockType),
+    #[error("getsockname: {0}")]
+    Name(nix::Error),
+    #[error("not an inet socket")]
+    NotInet,
+    #[error("bound to {got}, manifest says {want}")]
+    Address {
+        got: std::net::SocketAddr,
+        want: std::net::SocketAddr,
+    },
 }
 
 /// A handed-over listener must be a listening stream socket bound to the
 /// manifest's address.
-fn check_listener(fd: BorrowedFd<'_>, want: Option<std::net::SocketAddr>) -> Result<(), String> {
-    let listening =
-        getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("not a socket ({e})"))?;
+fn check_listener(
+    fd: BorrowedFd<'_>,
+    want: Option<std::net::SocketAddr>,
+) -> Result<(), ListenerError> {
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(ListenerError::NotSocket)?;
     if !listening {
-        return Err("not listening".into());
+        return Err(ListenerError::NotListening);
     }
-    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("SO_TYPE: {e}"))?;
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(ListenerError::SockType)?;
     if ty != SockType::Stream {
-        return Err(format!("socket type {ty:?}, expected stream"));
+        return Err(ListenerError::NotStream(ty));
     }
     if let Some(want) = want {
-        let ss: SockaddrStorage =
-            getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        let ss: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(ListenerError::Name)?;
         let got = if let Some(v4) = ss.as_sockaddr_in() {
             std::net::SocketAddr::V4((*v4).into())
         } else if let Some(v6) = ss.as_sockaddr_in6() {
             std::net::SocketAddr::V6((*v6).into())
         } else {
-            return Err("not an inet socket".into());
+            return Err(ListenerError::NotInet);
         };
         if got != want {
-            return Err(format!("bound to {got}, manifest says {want}"));
+            return Err(ListenerError::Address { got, want });
         }
     }
     Ok(())

@@ -44,18 +44,10 @@ pub mod suite {
     }
 }
 
-/// Owner shard of an agent id: FNV-1a-64 of the id bytes, mod `shards`.
-/// Must agree with `presence::owner_shard` (a test checks it); this is why
-/// the new process must run exactly as many shards as listeners were handed
-/// over: with another count, every record would live on the wrong shard.
-pub fn owner_shard(id: &[u8], shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
-}
+// A record lives on `owner_shard(id, shards)`: this is why the new process
+// must run exactly as many shards as listeners were handed over; with
+// another count, every record would live on the wrong shard.
+use crate::presence::table::owner_shard;
 
 /// A check on handed-over data failed.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -72,13 +64,13 @@ pub enum ManifestError {
     Conn {
         shard: usize,
         index: usize,
-        what: String,
+        what: ConnError,
     },
     #[error("presence record {agent:?} of shard {shard}: {what}")]
     Record {
         shard: usize,
         agent: String,
-        what: String,
+        what: RecordError,
     },
     #[error("event ring: {0}")]
     Events(String),
@@ -87,6 +79,52 @@ pub enum ManifestError {
         what: &'static str,
         expected: u64,
         got: u64,
+    },
+}
+
+/// Why a connection cannot be carried as described.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConnError {
+    #[error("belongs to shard {owner}, sent with shard {sent}")]
+    WrongShard { owner: u16, sent: usize },
+    #[error("awaiting HELLO but has an agent id")]
+    AgentBeforeHello,
+    #[error("in a session but has no agent id")]
+    SessionWithoutAgent,
+    #[error("phase {0} cannot be carried")]
+    Phase(u8),
+    #[error(transparent)]
+    Tls(#[from] TlsStateError),
+}
+
+/// Why a connection's TLS record state cannot be carried.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TlsStateError {
+    #[error("cipher suite {0:#06x} cannot be carried")]
+    Suite(u16),
+    #[error("suite {suite:#06x} needs {len}-byte secrets, got rx {rx} / tx {tx}")]
+    SecretLength {
+        suite: u16,
+        len: usize,
+        rx: usize,
+        tx: usize,
+    },
+    #[error("sequence number exhausted")]
+    SeqExhausted,
+}
+
+/// Why a presence record is not acceptable.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("unknown state {0:?}")]
+    State(String),
+    #[error("grace_remaining_ms must be set exactly in state grace")]
+    Grace,
+    #[error("owned by shard {owner} (FNV-1a % {shards}), sent with shard {sent}")]
+    WrongShard {
+        owner: usize,
+        shards: usize,
+        sent: usize,
     },
 }
 
@@ -216,24 +254,21 @@ impl std::fmt::Debug for TlsState {
 }
 
 impl TlsState {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TlsStateError> {
         let Some(len) = suite::secret_len(self.suite) else {
-            return Err(format!(
-                "cipher suite {:#06x} cannot be carried",
-                self.suite
-            ));
+            return Err(TlsStateError::Suite(self.suite));
         };
         if self.rx_secret.len() != len || self.tx_secret.len() != len {
-            return Err(format!(
-                "suite {:#06x} needs {len}-byte secrets, got rx {} / tx {}",
-                self.suite,
-                self.rx_secret.len(),
-                self.tx_secret.len()
-            ));
+            return Err(TlsStateError::SecretLength {
+                suite: self.suite,
+                len,
+                rx: self.rx_secret.len(),
+                tx: self.tx_secret.len(),
+            });
         }
         // TLS 1.3 forbids wrapping the sequence number (RFC 8446 5.3).
         if self.rx_seq == u64::MAX || self.tx_seq == u64::MAX {
-            return Err("sequence number exhausted".into());
+            return Err(TlsStateError::SeqExhausted);
         }
         Ok(())
     }
@@ -279,27 +314,27 @@ pub struct ConnHandoff {
 }
 
 impl ConnHandoff {
-    pub fn validate(&self, shard: usize) -> Result<(), String> {
+    pub fn validate(&self, shard: usize) -> Result<(), ConnError> {
         if usize::from(self.shard) != shard {
-            return Err(format!(
-                "belongs to shard {}, sent with shard {shard}",
-                self.shard
-            ));
+            return Err(ConnError::WrongShard {
+                owner: self.shard,
+                sent: shard,
+            });
         }
         match self.phase {
             phase::AWAIT_HELLO => {
                 if self.agent.is_some() {
-                    return Err("awaiting HELLO but has an agent id".into());
+                    return Err(ConnError::AgentBeforeHello);
                 }
             }
             phase::SESSION => {
                 if self.agent.as_deref().is_none_or(str::is_empty) {
-                    return Err("in a session but has no agent id".into());
+                    return Err(ConnError::SessionWithoutAgent);
                 }
             }
-            p => return Err(format!("phase {p} cannot be carried")),
+            p => return Err(ConnError::Phase(p)),
         }
-        self.tls.validate()
+        Ok(self.tls.validate()?)
     }
 }
 
@@ -324,18 +359,20 @@ pub struct PresenceRecordHandoff {
 }
 
 impl PresenceRecordHandoff {
-    pub fn validate(&self, shard: usize, shards: usize) -> Result<(), String> {
+    pub fn validate(&self, shard: usize, shards: usize) -> Result<(), RecordError> {
         if !STATES.contains(&self.state.as_str()) {
-            return Err(format!("unknown state {:?}", self.state));
+            return Err(RecordError::State(self.state.clone()));
         }
         if (self.state == "grace") != self.grace_remaining_ms.is_some() {
-            return Err("grace_remaining_ms must be set exactly in state grace".into());
+            return Err(RecordError::Grace);
         }
         let owner = owner_shard(self.agent.as_bytes(), shards);
         if owner != shard {
-            return Err(format!(
-                "owned by shard {owner} (FNV-1a % {shards}), sent with shard {shard}"
-            ));
+            return Err(RecordError::WrongShard {
+                owner,
+                shards,
+                sent: shard,
+            });
         }
         Ok(())
     }
@@ -435,25 +472,6 @@ mod tests {
     }
 
     #[test]
-    fn owner_shard_agrees_with_presence() {
-        for id in [
-            "",
-            "a",
-            "laptop-42",
-            "agent-\u{e9}",
-            "x".repeat(300).as_str(),
-        ] {
-            for n in [1, 2, 3, 7, 64, 128] {
-                assert_eq!(
-                    owner_shard(id.as_bytes(), n),
-                    crate::presence::table::owner_shard(id.as_bytes(), n),
-                    "{id:?} % {n}"
-                );
-            }
-        }
-    }
-
-    #[test]
     fn conn_roundtrip_hex_and_no_secret_in_debug() {
         let c = ConnHandoff {
             shard: 3,
@@ -478,10 +496,14 @@ mod tests {
         assert!(c.validate(2).is_err());
         let mut bad = c.clone();
         bad.tls.rx_secret.pop();
-        assert!(bad.validate(3).unwrap_err().contains("32-byte"));
+        assert!(bad.validate(3).unwrap_err().to_string().contains("32-byte"));
         let mut hs = c.clone();
         hs.phase = 0;
-        assert!(hs.validate(3).unwrap_err().contains("cannot be carried"));
+        assert!(hs
+            .validate(3)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be carried"));
         // Bad hex from a broken peer is an error, not a panic.
         let broken = j.replace("170303", "17030z");
         assert!(serde_json::from_str::<ConnHandoff>(&broken).is_err());
@@ -551,6 +573,7 @@ mod tests {
         assert!(r
             .validate((owner + 1) % shards, shards)
             .unwrap_err()
+            .to_string()
             .contains("owned by shard"));
         let bad = PresenceRecordHandoff {
             grace_remaining_ms: None,

@@ -53,13 +53,16 @@ pub mod wire;
 mod tests;
 
 pub use machine::{
-    run_source, run_target, FailKind, GlobalState, ShardSnapshot, Source, SourceOutcome, Step,
-    Target, TargetOutcome, UpgradeError,
+    run_source, run_target, FailKind, GlobalState, ListenerError, ShardSnapshot, Source,
+    SourceOutcome, Target, TargetOutcome, UpgradeError, UpgradeStep,
 };
 pub use manifest::{
-    ConnHandoff, EventHandoff, Manifest, ManifestError, PresenceRecordHandoff, TicketKeys,
-    TlsState, PROTOCOL,
+    ConnError, ConnHandoff, EventHandoff, Manifest, ManifestError, PresenceRecordHandoff,
+    RecordError, TicketKeys, TlsState, TlsStateError, PROTOCOL,
 };
+
+/// How long each wait for the peer may take during a hand-over (both sides).
+pub const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// RECONNECT window for connections that could not be handed over: short,
 /// and wide enough to spread the reconnects of a busy shard.

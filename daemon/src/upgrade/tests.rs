@@ -14,6 +14,7 @@ use super::machine::*;
 use super::manifest::*;
 use super::spawn;
 use super::wire;
+use crate::presence::table::owner_shard;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -184,37 +185,36 @@ impl FakeSource {
 }
 
 impl Source for FakeSource {
-    fn prepare(&mut self) -> Result<(), String> {
+    type Error = std::io::Error;
+    fn prepare(&mut self) -> Result<(), std::io::Error> {
         self.calls.push("prepare".into());
         Ok(())
     }
     fn manifest(&mut self) -> Manifest {
         self.manifest.clone()
     }
-    fn listeners(&mut self) -> Result<Vec<OwnedFd>, String> {
-        let l = self.listener.as_ref().ok_or("no listener")?;
+    fn listeners(&mut self) -> Result<Vec<OwnedFd>, std::io::Error> {
+        let l = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no listener"))?;
         (0..self.manifest.shards)
-            .map(|_| l.try_clone().map(OwnedFd::from).map_err(|e| e.to_string()))
+            .map(|_| l.try_clone().map(OwnedFd::from))
             .collect()
     }
-    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, String> {
+    fn quiesce_shard(&mut self, shard: usize) -> Result<ShardSnapshot, std::io::Error> {
         self.calls.push(format!("quiesce {shard}"));
         let conns = self.shards[shard]
             .iter()
-            .map(|(c, s)| {
-                Ok((
-                    c.clone(),
-                    OwnedFd::from(s.try_clone().map_err(|e| e.to_string())?).into(),
-                ))
-            })
-            .collect::<Result<_, String>>()?;
+            .map(|(c, s)| Ok((c.clone(), OwnedFd::from(s.try_clone()?).into())))
+            .collect::<Result<_, std::io::Error>>()?;
         Ok(ShardSnapshot {
             conns,
             records: self.records[shard].clone(),
             uncarried: 1,
         })
     }
-    fn global_state(&mut self) -> Result<GlobalState, String> {
+    fn global_state(&mut self) -> Result<GlobalState, std::io::Error> {
         Ok(self.global.clone())
     }
     fn stop_target(&mut self) {
@@ -254,13 +254,16 @@ struct FakeTarget {
 }
 
 impl Target for FakeTarget {
-    fn check_manifest(&mut self, m: &Manifest) -> Result<(), String> {
+    type Error = std::io::Error;
+    fn check_manifest(&mut self, m: &Manifest) -> Result<(), std::io::Error> {
         match &self.expect {
-            Some((shards, listen)) => m.check_local(*shards, listen).map_err(|e| e.to_string()),
+            Some((shards, listen)) => m
+                .check_local(*shards, listen)
+                .map_err(std::io::Error::other),
             None => Ok(()),
         }
     }
-    fn adopt_listeners(&mut self, l: Vec<OwnedFd>) -> Result<(), String> {
+    fn adopt_listeners(&mut self, l: Vec<OwnedFd>) -> Result<(), std::io::Error> {
         self.listeners = l;
         Ok(())
     }
@@ -269,27 +272,27 @@ impl Target for FakeTarget {
         shard: usize,
         conns: Vec<(ConnHandoff, OwnedFd)>,
         records: Vec<PresenceRecordHandoff>,
-    ) -> Result<(), String> {
+    ) -> Result<(), std::io::Error> {
         if self.fail_adopt_shard == Some(shard) {
-            return Err("slab full".into());
+            return Err(std::io::Error::other("slab full"));
         }
         self.conns.extend(conns);
         self.records.extend(records);
         Ok(())
     }
-    fn adopt_global(&mut self, g: GlobalState) -> Result<(), String> {
+    fn adopt_global(&mut self, g: GlobalState) -> Result<(), std::io::Error> {
         self.global = Some(g);
         Ok(())
     }
-    fn ready(&mut self) -> Result<(), String> {
+    fn ready(&mut self) -> Result<(), std::io::Error> {
         if let Some(d) = self.ready_delay {
             thread::sleep(d);
         }
         Ok(())
     }
-    fn commit(&mut self) -> Result<(), String> {
+    fn commit(&mut self) -> Result<(), std::io::Error> {
         if self.notify {
-            spawn::notify_takeover("took over").map_err(|e| e.to_string())?;
+            spawn::notify_takeover("took over").map_err(std::io::Error::other)?;
         }
         self.committed = true;
         Ok(())
@@ -342,16 +345,16 @@ fn handover_300_connections_survive() {
     assert_eq!(
         out.transitions,
         vec![
-            Step::Prepare,
-            Step::Listeners,
-            Step::Quiesce(0),
-            Step::Transfer(0),
-            Step::Quiesce(1),
-            Step::Transfer(1),
-            Step::Global,
-            Step::Confirm,
-            Step::Commit,
-            Step::Exit
+            UpgradeStep::Prepare,
+            UpgradeStep::Listeners,
+            UpgradeStep::Quiesce(0),
+            UpgradeStep::Transfer(0),
+            UpgradeStep::Quiesce(1),
+            UpgradeStep::Transfer(1),
+            UpgradeStep::Global,
+            UpgradeStep::Confirm,
+            UpgradeStep::Commit,
+            UpgradeStep::Exit
         ]
     );
     assert_eq!(tout.connections, N as u64);
@@ -411,7 +414,7 @@ fn target_fails_adopting_shard_1_source_resumes() {
     };
     let (mut src, r, tgt, tr) = run_pair(src, tgt, Duration::from_secs(10));
     let e = r.unwrap_err();
-    assert_eq!(e.step, Step::Transfer(1));
+    assert_eq!(e.step, UpgradeStep::Transfer(1));
     assert!(matches!(e.kind, FailKind::TargetFailed(_)), "{e}");
     let reason = src.resumed.clone().unwrap();
     assert!(reason.contains("adopt shard 1"), "{reason}");
@@ -427,7 +430,7 @@ fn target_fails_adopting_shard_1_source_resumes() {
         ]
     );
     let te = tr.unwrap_err();
-    assert_eq!(te.step, Step::Transfer(1));
+    assert_eq!(te.step, UpgradeStep::Transfer(1));
     assert!(!tgt.committed);
     // The target got shard 0 and drops it (plain close) when it exits.
     drop(tgt);
@@ -447,7 +450,7 @@ fn target_dies_mid_transfer_source_resumes() {
         wire::send(
             &b,
             &Msg::Ack {
-                step: Step::Prepare,
+                step: UpgradeStep::Prepare,
                 items: 0,
             },
             &[],
@@ -459,7 +462,7 @@ fn target_dies_mid_transfer_source_resumes() {
         wire::send(
             &b,
             &Msg::Ack {
-                step: Step::Listeners,
+                step: UpgradeStep::Listeners,
                 items: 2,
             },
             &[],
@@ -480,7 +483,7 @@ fn target_dies_mid_transfer_source_resumes() {
     });
     let e = run_source(a, &mut src, Duration::from_secs(10)).unwrap_err();
     t.join().unwrap();
-    assert_eq!(e.step, Step::Transfer(0));
+    assert_eq!(e.step, UpgradeStep::Transfer(0));
     assert!(
         matches!(e.kind, FailKind::Wire(ref w) if w.is_closed()),
         "{e}"
@@ -500,7 +503,7 @@ fn target_never_confirms_source_times_out_and_resumes() {
     };
     let (mut src, r, tgt, tr) = run_pair(src, tgt, Duration::from_millis(400));
     let e = r.unwrap_err();
-    assert_eq!(e.step, Step::Confirm);
+    assert_eq!(e.step, UpgradeStep::Confirm);
     assert!(
         matches!(e.kind, FailKind::Wire(wire::WireError::Timeout { .. })),
         "{e}"
@@ -528,7 +531,7 @@ fn shard_count_mismatch_refused_before_any_quiesce() {
     };
     let (mut src, r, _tgt, tr) = run_pair(src, tgt, Duration::from_secs(10));
     let e = r.unwrap_err();
-    assert_eq!(e.step, Step::Prepare);
+    assert_eq!(e.step, UpgradeStep::Prepare);
     let reason = src.resumed.clone().unwrap();
     assert!(
         reason.contains("check manifest") && reason.contains("shard count mismatch"),
@@ -548,7 +551,7 @@ fn listen_mismatch_refused() {
         ..Default::default()
     };
     let (src, r, _, _) = run_pair(src, tgt, Duration::from_secs(10));
-    assert_eq!(r.unwrap_err().step, Step::Prepare);
+    assert_eq!(r.unwrap_err().step, UpgradeStep::Prepare);
     assert!(src.resumed.unwrap().contains("listen address mismatch"));
 }
 
@@ -559,7 +562,7 @@ fn source_refuses_to_send_unknown_protocol() {
     src.manifest.protocol = 99;
     let (src, r, _, tr) = run_pair(src, FakeTarget::default(), Duration::from_secs(5));
     let e = r.unwrap_err();
-    assert_eq!(e.step, Step::Prepare);
+    assert_eq!(e.step, UpgradeStep::Prepare);
     assert!(e.to_string().contains("protocol 99"), "{e}");
     assert!(src.resumed.is_some());
     assert!(matches!(tr.unwrap_err().kind, FailKind::SourceAborted(_)));
@@ -584,7 +587,7 @@ fn target_refuses_protocol_99() {
     wire::send(
         &a,
         &Msg::Manifest {
-            step: Step::Prepare,
+            step: UpgradeStep::Prepare,
             manifest: m,
         },
         &[],
@@ -593,7 +596,7 @@ fn target_refuses_protocol_99() {
     let reply: Msg = wire::recv_no_fds(&a, None).unwrap();
     match reply {
         Msg::Fail { step, reason } => {
-            assert_eq!(step, Step::Prepare);
+            assert_eq!(step, UpgradeStep::Prepare);
             assert!(reason.contains("protocol 99 is not supported"), "{reason}");
         }
         m => panic!("expected fail, got {m:?}"),
@@ -612,7 +615,7 @@ fn source_checks_manifest_totals() {
     src.manifest.connections_total += 1; // a shard produced fewer than announced
     let (mut src, r, tgt, _) = run_pair(src, FakeTarget::default(), Duration::from_secs(5));
     let e = r.unwrap_err();
-    assert_eq!(e.step, Step::Global);
+    assert_eq!(e.step, UpgradeStep::Global);
     assert!(
         e.to_string()
             .contains("connections (carried + uncarried): announced 9, got 8"),
@@ -644,7 +647,7 @@ fn target_checks_shard_counts() {
     wire::send(
         &a,
         &Msg::Manifest {
-            step: Step::Prepare,
+            step: UpgradeStep::Prepare,
             manifest: m,
         },
         &[],
@@ -658,7 +661,7 @@ fn target_checks_shard_counts() {
     wire::send(
         &a,
         &Msg::Listeners {
-            step: Step::Listeners,
+            step: UpgradeStep::Listeners,
             first: 0,
             count: 1,
         },
@@ -670,7 +673,7 @@ fn target_checks_shard_counts() {
         Msg::Ack { items: 1, .. }
     ));
     let done = Msg::ShardDone {
-        step: Step::Transfer(0),
+        step: UpgradeStep::Transfer(0),
         shard: 0,
         conns: 5,
         records: 0,
@@ -680,7 +683,7 @@ fn target_checks_shard_counts() {
     wire::send(&a, &done, &[]).unwrap();
     match wire::recv_no_fds::<Msg>(&a, None).unwrap() {
         Msg::Fail { step, reason } => {
-            assert_eq!(step, Step::Transfer(0));
+            assert_eq!(step, UpgradeStep::Transfer(0));
             assert!(
                 reason.contains("connections: announced 5, got 0"),
                 "{reason}"
@@ -710,7 +713,7 @@ fn target_rejects_a_non_listening_socket_as_listener() {
     wire::send(
         &a,
         &Msg::Manifest {
-            step: Step::Prepare,
+            step: UpgradeStep::Prepare,
             manifest: m,
         },
         &[],
@@ -721,7 +724,7 @@ fn target_rejects_a_non_listening_socket_as_listener() {
     wire::send(
         &a,
         &Msg::Listeners {
-            step: Step::Listeners,
+            step: UpgradeStep::Listeners,
             first: 0,
             count: 1,
         },
