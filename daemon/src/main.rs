@@ -1,87 +1,16 @@
 //! The `presenced` command line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use presence_proto::FleetKey;
 use presenced::config::Config;
+use presenced::ops::cli::daemon::{Cli, Command, TuningCommand};
 use presenced::ops::devinit;
 use presenced::process::start as server;
-
-/// Thread-per-core TLS presence daemon for RMM agent fleets.
-#[derive(Parser)]
-#[command(name = "presenced", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon.
-    Serve {
-        /// Configuration file.
-        #[arg(long, conflicts_with = "dev")]
-        config: Option<PathBuf>,
-        /// Run on a development setup in ./presenced-dev (created if missing).
-        #[arg(long)]
-        dev: bool,
-        /// Take over from a running daemon over this inherited socket
-        /// (set by `presencectl upgrade`; not for direct use).
-        #[arg(long, hide = true)]
-        upgrade_fd: Option<i32>,
-    },
-    /// Write a working development setup (config, TLS cert and key, fleet key) into DIR.
-    DevInit {
-        dir: PathBuf,
-        /// Overwrite an existing setup.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Print an agent's HELLO token (hex) for the given fleet key.
-    Token {
-        #[arg(long)]
-        fleet_key: PathBuf,
-        id: String,
-    },
-    /// Host tuning for a fleet size.
-    Tuning {
-        #[command(subcommand)]
-        command: TuningCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TuningCommand {
-    /// Compare live sysctls and limits with a profile; estimate this host's capacity.
-    /// Exit 0 when all is well, 1 when something is off, 2 on error.
-    Check {
-        /// Profile: 100k, 1m or 10m.
-        #[arg(long)]
-        profile: String,
-        /// Where /proc is (a fake tree for tests).
-        #[arg(long, default_value = presenced::ops::tuning::DEFAULT_PROC_ROOT)]
-        proc_root: PathBuf,
-        /// Read the limits of this process instead of our own (e.g. the running daemon).
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Shards (for the locked-memory check); default: online CPUs.
-        #[arg(long)]
-        cores: Option<usize>,
-        /// Connections the host should hold.
-        #[arg(long)]
-        max_connections: Option<u64>,
-        /// Kernel bytes per idle connection.
-        #[arg(long, default_value_t = presenced::ops::tuning::DEFAULT_PER_CONN_KERNEL_BYTES)]
-        kernel_bytes_per_conn: u64,
-        /// Daemon (user-space) bytes per idle connection.
-        #[arg(long, default_value_t = presenced::ops::tuning::DEFAULT_PER_CONN_USER_BYTES)]
-        user_bytes_per_conn: u64,
-    },
-}
 
 const DEV_DIR: &str = "presenced-dev";
 

@@ -5,99 +5,13 @@
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use presenced::ops::cli::ctl::{Cmd, CtlCli as Cli, GuardAction};
 use serde_json::Value;
-
-/// Talk to a running presenced over its control socket.
-#[derive(Parser)]
-#[command(name = "presencectl", version)]
-struct Cli {
-    /// Control socket of the daemon ([server] control_socket).
-    #[arg(
-        long,
-        global = true,
-        env = "PRESENCECTL_SOCKET",
-        default_value = presenced::config::DEFAULT_CONTROL_SOCKET
-    )]
-    socket: PathBuf,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Totals and per-shard counters.
-    Stats {
-        /// Print the daemon's JSON as is.
-        #[arg(long)]
-        json: bool,
-    },
-    /// A live per-shard view: connections, rates, accept queue, memory, latency.
-    Top {
-        /// Refresh interval (e.g. 1s, 500ms).
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-        /// Stop after this many refreshes (default: run until interrupted).
-        #[arg(long)]
-        iterations: Option<u64>,
-    },
-    /// One agent's presence record.
-    Agent {
-        id: String,
-        /// Print the daemon's JSON as is.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Follow presence events (one JSON line each), like `journalctl -f`.
-    Events {
-        /// Start at this seq (replays held events first); default: only new events.
-        #[arg(long)]
-        from: Option<u64>,
-    },
-    /// Reload the TLS certificate, key and fleet key.
-    Reload,
-    /// Check that the daemon answers.
-    Ping,
-    /// The Prometheus text exposition.
-    Metrics,
-    /// Hand every connection, presence record and the event ring to a new
-    /// process started from BINARY (default: the binary the daemon runs
-    /// from); the old process exits once the new one serves.
-    Upgrade {
-        /// The new presenced binary (default: the path the running daemon
-        /// was started from, i.e. the file now installed there).
-        #[arg(long, value_name = "PATH")]
-        binary: Option<PathBuf>,
-        /// Print the daemon's JSON report as is.
-        #[arg(long)]
-        json: bool,
-    },
-    /// The mass-offline guard: its state and the offline events it holds.
-    Guard {
-        /// Print the daemon's JSON as is.
-        #[arg(long)]
-        json: bool,
-        #[command(subcommand)]
-        action: Option<GuardAction>,
-    },
-}
-
-#[derive(Subcommand)]
-enum GuardAction {
-    /// Publish held offline events now: all of them (and reset the guard),
-    /// or only the one of agent ID.
-    Release {
-        /// Release only this agent's held offline event.
-        id: Option<String>,
-        /// Print the daemon's JSON as is.
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 /// Why presencectl failed; decides the exit code.
 enum Failure {
