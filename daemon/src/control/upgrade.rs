@@ -26,7 +26,7 @@ use futures::io::{AsyncBufReadExt, AsyncWriteExt};
 use glommio::net::UnixStream;
 use tracing::{info, warn};
 
-use crate::shard::{Adopted, Shard, ShardMsg};
+use crate::shard::{Adopted, Shard, UpgradeMsg};
 use crate::upgrade::machine::{GlobalState, ShardSnapshot, Source, Target};
 use crate::upgrade::manifest::{
     ConnHandoff, EventHandoff, Manifest, PresenceRecordHandoff, TicketKeys, PROTOCOL,
@@ -314,14 +314,14 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
         Step::Prepare => {
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Freeze { reply })
+                    .ask(i, |reply| UpgradeMsg::Freeze { reply })
                     .await
                     .map_err(|_| gone("freeze"))?;
             }
             // Everything sent before the freeze has been handled.
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Barrier { reply })
+                    .ask(i, |reply| UpgradeMsg::Barrier { reply })
                     .await
                     .map_err(|_| gone("barrier"))?;
             }
@@ -336,7 +336,7 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
         }
         Step::Quiesce(i) if *i < n => {
             let snap = shard
-                .ask(*i, |reply| ShardMsg::Quiesce { reply })
+                .ask(*i, |reply| UpgradeMsg::Quiesce { reply })
                 .await
                 .map_err(|_| gone("quiesce"))?;
             let uncarried = snap.uncarried;
@@ -361,14 +361,14 @@ async fn perform(shard: &Rc<Shard>, step: &Step, slot: &Arc<Mutex<Slot>>) -> Res
         }
         Step::Thaw => {
             for i in 0..n {
-                shard.tell(i, ShardMsg::Thaw);
+                shard.tell(i, UpgradeMsg::Thaw);
             }
             Ok(0)
         }
         Step::Release => {
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Release { reply })
+                    .ask(i, |reply| UpgradeMsg::Release { reply })
                     .await
                     .map_err(|_| gone("release"))?;
             }
