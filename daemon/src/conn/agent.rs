@@ -605,6 +605,18 @@ mod tests {
     }
 
     #[test]
+    fn hello_before_tls_fails_the_handshake_without_an_error_frame() {
+        use crate::tls::handshake::Handshake;
+        use crate::tls::testutil::{server_config, ALL_SUITES};
+        let mut hs = Handshake::new(server_config(&ALL_SUITES)).expect("handshake");
+        hs.feed(&hello("host-01").to_bytes());
+        let mut out = Vec::new();
+        assert!(hs.step(&mut out).is_err(), "a plaintext HELLO is not TLS");
+        // At most a TLS alert record (content type 21), never a frame.
+        assert!(out.is_empty() || out[0] == 21, "sent {out:?}");
+    }
+
+    #[test]
     fn frames_before_tls_are_not_acted_on() {
         // A connection still in its TLS handshake has no session input;
         // plaintext HELLO bytes there are the TLS stack's to refuse.

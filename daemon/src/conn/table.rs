@@ -104,15 +104,6 @@ pub struct ConnEntry {
     pub kind: Kind,
 }
 
-impl ConnEntry {
-    pub fn session(&self) -> Option<&Session> {
-        match &self.kind {
-            Kind::Session(s) => Some(s),
-            Kind::Handshake(_) => None,
-        }
-    }
-}
-
 /// Per-shard scratch space shared by every session: nothing per connection.
 pub struct Scratch {
     /// Ciphertext read from one socket.
@@ -230,7 +221,7 @@ impl ConnTable {
     }
 
     /// Wall-clock ms of a table-clock time.
-    pub fn wall_ms_of(&self, ms: u64) -> u64 {
+    fn wall_ms_of(&self, ms: u64) -> u64 {
         crate::shared::wall_ms().saturating_sub(self.now_ms().saturating_sub(ms))
     }
 
@@ -492,7 +483,7 @@ impl ConnTable {
     }
 
     /// Free a session's slot and socket; a session past HELLO is gone.
-    pub fn close_session(&self, key: usize, gen: u32, reason: GoneReason, fx: &mut Effects) {
+    fn close_session(&self, key: usize, gen: u32, reason: GoneReason, fx: &mut Effects) {
         let e = {
             let mut conns = self.conns.borrow_mut();
             if conns.get(key).is_none_or(|e| e.gen != gen) {

@@ -234,10 +234,6 @@ impl Router {
     pub fn dropped(&self) -> u64 {
         self.dropped.get()
     }
-
-    pub fn me(&self) -> usize {
-        self.me
-    }
 }
 
 impl OutboxRx {
@@ -265,5 +261,66 @@ pub async fn forward(rx: OutboxRx, senders: Rc<Senders<MeshMsg>>) {
             debug!(peer, "mesh peer gone");
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(n: u64) -> ShardMsg {
+        ShardMsg::Fleet {
+            shard: 1,
+            online: n,
+            drops: 0,
+        }
+    }
+
+    fn online(m: MeshMsg) -> u64 {
+        match m {
+            MeshMsg::Domain(ShardMsg::Fleet { online, .. }) => online,
+            _ => panic!("unexpected message"),
+        }
+    }
+
+    #[test]
+    fn outboxes_are_fifo_bounded_and_report_congestion() {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(512 << 10)
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let (router, rxs) = Router::new(0, 2, 0);
+            let cap = HIGH_WATER * 2; // the smallest bound allowed
+            assert!(!router.congested());
+            for i in 0..=HIGH_WATER as u64 {
+                router.send(1, fleet(i));
+            }
+            assert!(router.congested_to(1) && router.congested());
+            assert!(!router.congested_to(0));
+            for i in HIGH_WATER as u64 + 1..cap as u64 + 10 {
+                router.send(1, fleet(i));
+            }
+            assert_eq!(router.dropped(), 10, "messages past the bound are dropped");
+            // Upgrade steps share the queue, in order.
+            router.send(1, UpgradeMsg::Thaw);
+            assert_eq!(router.dropped(), 11);
+            let rx = &rxs[1];
+            for i in 0..cap as u64 {
+                assert_eq!(online(rx.next().await.expect("queued")), i);
+            }
+            assert!(!router.congested());
+            router.send(1, UpgradeMsg::Thaw);
+            assert!(matches!(
+                rx.next().await,
+                Some(MeshMsg::Upgrade(UpgradeMsg::Thaw))
+            ));
+        });
+    }
+
+    #[test]
+    fn the_bound_covers_every_connection_twice() {
+        assert!(outbox_bound(1_000_000) >= 2_000_000 + HIGH_WATER);
+        assert!(outbox_bound(u64::MAX) > HIGH_WATER);
     }
 }
