@@ -26,8 +26,13 @@ fn main() -> anyhow::Result<()> {
 /// recursively.
 fn write_man_pages(cmd: &clap::Command, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    clap_mangen::generate_to(cmd.clone(), dir)
-        .with_context(|| format!("writing man pages of {} to {}", cmd.get_name(), dir.display()))
+    clap_mangen::generate_to(cmd.clone(), dir).with_context(|| {
+        format!(
+            "writing man pages of {} to {}",
+            cmd.get_name(),
+            dir.display()
+        )
+    })
 }
 
 fn write_completions(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<()> {

@@ -1,11 +1,12 @@
 //! The handshake phase of a connection: a short-lived task that drives the
-//! lean TLS 1.3 handshake over the accepted glommio stream, then hands the
-//! socket and its TLS record state to the shard as a session entry (see
-//! `conns.rs` and `session.rs`) and ends. Deadlines are not timers here: the
+//! lean TLS 1.3 handshake over the accepted glommio stream, then reports
+//! its outcome (the socket and its TLS record state, ready to become a
+//! session entry: see `table.rs` and `session.rs`) to its caller, the
+//! shard's accept loop, and ends. Deadlines are not timers here: the
 //! shard's wheel sends a [`ConnCmd`] when one passes, as does shutdown.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
@@ -13,22 +14,11 @@ use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{pin_mut, FutureExt};
 use glommio::net::TcpStream;
 use glommio::timer::sleep;
-use tracing::debug;
+use rustls::ServerConfig;
 
-use crate::shard::Shard;
-use crate::tls::handshake::{Established, Handshake, Progress};
-
-/// Something the shard asks a connection to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnCmd {
-    HandshakeTimeout,
-    HelloTimeout,
-    /// No frame within heartbeat_interval * miss_limit.
-    Timeout,
-    /// A newer session of the same agent took over.
-    Superseded,
-    Shutdown,
-}
+use crate::conn::agent::ConnCmd;
+use crate::conn::table::NewSession;
+use crate::tls::handshake::{Established, Handshake, HandshakeError as TlsError, Progress};
 
 /// How long the alert after a failed handshake may take to send.
 const ALERT_WRITE_LIMIT: Duration = Duration::from_secs(1);
@@ -36,81 +26,91 @@ const ALERT_WRITE_LIMIT: Duration = Duration::from_secs(1);
 const HANDSHAKE_CHUNK: usize = 4096;
 
 /// Why a handshake ended without a session.
-#[derive(Debug)]
-enum Failed {
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
     /// A deadline or shutdown command.
+    #[error("stopped by {0:?}")]
     Cmd(ConnCmd),
     /// The peer went away.
+    #[error("the peer closed the connection")]
     Closed,
     /// TLS said no (bad ClientHello, wrong ALPN, not TLS at all...).
-    Tls(#[allow(dead_code)] String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
-/// Serve one accepted connection through its handshake, then adopt it.
-pub async fn serve(
-    shard: Rc<Shard>,
-    mut tcp: TcpStream,
-    key: usize,
-    gen: u32,
-    mut cmd: oneshot::Receiver<ConnCmd>,
-) {
-    let accepted = Instant::now();
-    let result = handshake(&shard, &mut tcp, &mut cmd).await;
-    shard
-        .handshakes_in_flight
-        .set(shard.handshakes_in_flight.get().saturating_sub(1));
-    match result {
-        Ok(est) if est.peer_closed => {
-            shard.counters.handshakes.inc();
-            shard.handshake_failed(key, gen);
-        }
-        Ok(est) => {
-            shard.counters.handshakes.inc();
-            if est.resumed {
-                shard.counters.handshakes_resumed.inc();
-            }
-            shard.counters.handshake_latency.record(accepted.elapsed());
-            // The session keeps a plain descriptor: duplicate it, then let
-            // glommio's stream go (its drop only closes its own descriptor).
-            // Close-on-exec: a binary started by an upgrade must receive
-            // the sessions over the hand-over socket, not inherit them.
-            let dup = nix::fcntl::fcntl(tcp.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0));
-            let fd = match dup {
-                // SAFETY: fcntl returned a new descriptor that nothing else owns.
-                Ok(raw) => unsafe { OwnedFd::from_raw_fd(raw) },
-                Err(e) => {
-                    debug!(shard = shard.id, "dup failed: {e}");
-                    shard.handshake_failed(key, gen);
-                    return;
-                }
-            };
-            drop(tcp);
-            let est = *est;
-            shard.adopt(key, gen, fd, est.session, est.leftover, est.early_plaintext);
-        }
-        Err(why) => {
-            shard.counters.handshake_failures.inc();
-            if why == Failed::Cmd(ConnCmd::HandshakeTimeout) {
-                shard.counters.handshake_timeouts.inc();
-            }
-            debug!(shard = shard.id, ?why, "handshake ended without a session");
-            shard.handshake_failed(key, gen);
-        }
+impl HandshakeError {
+    /// The handshake deadline passed.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, HandshakeError::Cmd(ConnCmd::HandshakeTimeout))
     }
 }
 
-impl PartialEq for Failed {
-    fn eq(&self, other: &Self) -> bool {
-        matches!((self, other), (Failed::Cmd(a), Failed::Cmd(b)) if a == b)
+/// How a handshake task ended.
+pub enum Handshaken {
+    /// TLS completed and the peer closed at once: no session.
+    PeerClosed,
+    /// TLS completed. `session` is None when its socket could not be kept
+    /// (the descriptor could not be duplicated).
+    Done {
+        resumed: bool,
+        /// Accept to handshake complete.
+        latency: Duration,
+        session: Option<Box<NewSession>>,
+    },
+    Failed(HandshakeError),
+}
+
+/// Drive one accepted connection through its TLS handshake; `cmd` brings
+/// the shard's deadline and shutdown commands.
+pub async fn run(
+    tls: Arc<ServerConfig>,
+    mut tcp: TcpStream,
+    mut cmd: oneshot::Receiver<ConnCmd>,
+) -> Handshaken {
+    let accepted = Instant::now();
+    let est = match handshake(tls, &mut tcp, &mut cmd).await {
+        Ok(est) if est.peer_closed => return Handshaken::PeerClosed,
+        Ok(est) => est,
+        Err(e) => return Handshaken::Failed(e),
+    };
+    let latency = accepted.elapsed();
+    let resumed = est.resumed;
+    // The session keeps a plain descriptor: duplicate it, then let
+    // glommio's stream go (its drop only closes its own descriptor).
+    // Close-on-exec: a binary started by an upgrade must receive the
+    // sessions over the hand-over socket, not inherit them.
+    let dup = nix::fcntl::fcntl(tcp.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0));
+    let session = match dup {
+        Ok(raw) => {
+            let est = *est;
+            Some(Box::new(NewSession {
+                // SAFETY: fcntl returned a new descriptor that nothing else owns.
+                fd: unsafe { OwnedFd::from_raw_fd(raw) },
+                tls: est.session,
+                input: est.leftover,
+                early: est.early_plaintext,
+            }))
+        }
+        Err(e) => {
+            tracing::debug!("dup failed: {e}");
+            None
+        }
+    };
+    drop(tcp);
+    Handshaken::Done {
+        resumed,
+        latency,
+        session,
     }
 }
 
 async fn handshake(
-    shard: &Shard,
+    tls: Arc<ServerConfig>,
     tcp: &mut TcpStream,
     mut cmd: &mut oneshot::Receiver<ConnCmd>,
-) -> Result<Box<Established>, Failed> {
-    let mut hs = Handshake::new(shard.rt.tls()).map_err(|e| Failed::Tls(e.to_string()))?;
+) -> Result<Box<Established>, HandshakeError> {
+    let mut hs = Handshake::new(tls)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; HANDSHAKE_CHUNK];
     loop {
@@ -128,14 +128,14 @@ async fn handshake(
                         _ = limit => {},
                     }
                 }
-                return Err(Failed::Tls(e.to_string()));
+                return Err(HandshakeError::Tls(e));
             }
         };
         if !out.is_empty() {
             let write = tcp.write_all(&out).fuse();
             pin_mut!(write);
             let written = futures::select_biased! {
-                c = cmd => return Err(Failed::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
+                c = cmd => return Err(HandshakeError::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
                 r = write => r,
             };
             if written.is_err() {
@@ -146,7 +146,7 @@ async fn handshake(
                         est.peer_closed = true;
                         Ok(est)
                     }
-                    Progress::NeedInput => Err(Failed::Closed),
+                    Progress::NeedInput => Err(HandshakeError::Closed),
                 };
             }
         }
@@ -157,12 +157,12 @@ async fn handshake(
             let read = tcp.read(&mut buf).fuse();
             pin_mut!(read);
             futures::select_biased! {
-                c = cmd => return Err(Failed::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
-                r = read => r.map_err(|_| Failed::Closed)?,
+                c = cmd => return Err(HandshakeError::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
+                r = read => r.map_err(|_| HandshakeError::Closed)?,
             }
         };
         if n == 0 {
-            return Err(Failed::Closed);
+            return Err(HandshakeError::Closed);
         }
         hs.feed(&buf[..n]);
     }

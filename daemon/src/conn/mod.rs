@@ -1,7 +1,8 @@
-//! One connection, from accept to close: the handshake task, the task-free
-//! session on the shard's epoll set, the slab that holds them and the
-//! deadline wheel.
+//! One connection, from accept to close: the protocol rules (`agent`, pure),
+//! the handshake task, the task-free session on the shard's epoll set, the
+//! table that holds them and the deadline wheel.
 
+pub mod agent;
 pub mod handshake;
 pub mod poller;
 pub mod session;

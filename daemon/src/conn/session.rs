@@ -13,8 +13,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, MsgFlags};
 
+use crate::conn::agent::{self, SessionEvent};
 use crate::tls::record::{AlertDescription, LeanSession};
-use presence_proto::{self as protocol, ErrorCode, Frame, ProtocolError};
 
 /// Unsent output above this closes the connection (the agent is not reading).
 pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
@@ -52,22 +52,6 @@ pub struct Session {
     pub carried: bool,
 }
 
-/// What a batch of input asks the shard to do.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Step {
-    /// A frame the shard must act on (HELLO, HEARTBEAT, BYE).
-    Frame(Frame),
-    /// The agent sent something it must not; close with ERROR `code`.
-    Violation(ErrorCode, String),
-    /// The peer closed (EOF, reset, close_notify, fatal alert).
-    Closed,
-    /// A TLS-level failure; close after sending `alert`.
-    TlsFailure {
-        alert: Option<AlertDescription>,
-        reason: String,
-    },
-}
-
 impl Session {
     pub fn new(fd: OwnedFd, tls: LeanSession) -> Self {
         Self {
@@ -97,30 +81,30 @@ impl Session {
     }
 
     /// Read what the socket has (into the shard's `buf`), open records and
-    /// split frames into `steps` (the shard's, reused), in order; processing
+    /// split frames into `events` (the shard's, reused), in order; processing
     /// stops at the first closing step.
     pub fn read(
         &mut self,
         buf: &mut [u8],
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
-        steps: &mut Vec<Step>,
+        events: &mut Vec<SessionEvent>,
     ) {
         for _ in 0..READS_PER_EVENT {
             let n = match recv(self.fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(0) => {
-                    steps.push(Step::Closed);
+                    events.push(SessionEvent::Closed);
                     break;
                 }
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => break,
                 Err(Errno::EINTR) => continue,
                 Err(_) => {
-                    steps.push(Step::Closed);
+                    events.push(SessionEvent::Closed);
                     break;
                 }
             };
-            if self.ingest(&mut buf[..n], plain, out, steps) || n < buf.len() {
+            if self.ingest(&mut buf[..n], plain, out, events) || n < buf.len() {
                 break;
             }
         }
@@ -133,7 +117,7 @@ impl Session {
         data: &mut [u8],
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
-        steps: &mut Vec<Step>,
+        events: &mut Vec<SessionEvent>,
     ) -> bool {
         // Continue a split record from the pending buffer; else work in place.
         let mut carried = match self.pending.as_mut() {
@@ -152,14 +136,14 @@ impl Session {
         let mut closing = false;
         // A closing outcome (close_notify, a bad record) comes after the data
         // that preceded it: frames first, then the close.
-        let mut close_step: Option<Step> = None;
+        let mut close_event: Option<SessionEvent> = None;
         plain.clear();
         while at < input.len() {
             let len = match tls_adapter::record_len(&input[at..]) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(f) => {
-                    close_step = Some(f);
+                    close_event = Some(f);
                     break;
                 }
             };
@@ -168,25 +152,25 @@ impl Session {
             match tls_adapter::open(&mut self.tls, record, plain, out) {
                 Ok(tls_adapter::Opened::Data) | Ok(tls_adapter::Opened::Nothing) => {}
                 Ok(tls_adapter::Opened::Closed) => {
-                    close_step = Some(Step::Closed);
+                    close_event = Some(SessionEvent::Closed);
                     break;
                 }
                 Err(f) => {
-                    close_step = Some(f);
+                    close_event = Some(f);
                     break;
                 }
             }
         }
-        if close_step.is_none() && at < input.len() {
+        if close_event.is_none() && at < input.len() {
             let rest = input[at..].to_vec();
             self.pending_mut().record = rest;
         }
         if !plain.is_empty() {
-            closing |= self.split_frames(plain, steps);
+            closing |= self.split_frames(plain, events);
         }
-        if let Some(step) = close_step {
+        if let Some(step) = close_event {
             if !closing {
-                steps.push(step);
+                events.push(step);
             }
             closing = true;
         }
@@ -194,13 +178,13 @@ impl Session {
     }
 
     /// Application data that arrived with the client's Finished.
-    pub fn split_early(&mut self, plain: &mut Vec<u8>, steps: &mut Vec<Step>) -> bool {
+    pub fn split_early(&mut self, plain: &mut Vec<u8>, events: &mut Vec<SessionEvent>) -> bool {
         let data = std::mem::take(plain);
-        self.split_frames(&data, steps)
+        self.split_frames(&data, events)
     }
 
     /// Split decrypted application data into frames.
-    fn split_frames(&mut self, plain: &[u8], steps: &mut Vec<Step>) -> bool {
+    fn split_frames(&mut self, plain: &[u8], events: &mut Vec<SessionEvent>) -> bool {
         let joined = match self.pending.as_mut() {
             Some(p) if !p.frames.is_empty() => {
                 let mut v = std::mem::take(&mut p.frames);
@@ -210,27 +194,9 @@ impl Session {
             _ => None,
         };
         let input: &[u8] = joined.as_deref().unwrap_or(plain);
-        let mut at = 0;
-        loop {
-            match protocol::decode_one(&input[at..]) {
-                Ok(Some((frame, used))) => {
-                    at += used;
-                    let stop = matches!(frame, Frame::Bye);
-                    steps.push(Step::Frame(frame));
-                    if stop {
-                        return true;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match e {
-                        ProtocolError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-                        _ => ErrorCode::MalformedFrame,
-                    };
-                    steps.push(Step::Violation(code, e.to_string()));
-                    return true;
-                }
-            }
+        let (at, stop) = agent::split_frames(input, events);
+        if stop {
+            return true;
         }
         if at < input.len() {
             let rest = input[at..].to_vec();
@@ -327,7 +293,7 @@ impl Session {
 
 /// The seam between sessions and the lean record layer.
 mod tls_adapter {
-    use super::Step;
+    use super::SessionEvent;
     use crate::tls::record::{check_header, Incoming, LeanSession, RecordError};
 
     pub enum Opened {
@@ -340,7 +306,7 @@ mod tls_adapter {
     }
 
     /// Length of the whole record at the front of `input`, if it has arrived.
-    pub fn record_len(input: &[u8]) -> Result<Option<usize>, Step> {
+    pub fn record_len(input: &[u8]) -> Result<Option<usize>, SessionEvent> {
         check_header(input).map_err(failure)
     }
 
@@ -349,7 +315,7 @@ mod tls_adapter {
         record: &mut [u8],
         plain: &mut Vec<u8>,
         out: &mut Vec<u8>,
-    ) -> Result<Opened, Step> {
+    ) -> Result<Opened, SessionEvent> {
         match tls.read_record(record, out).map_err(failure)? {
             Incoming::Data(range) => {
                 plain.extend_from_slice(&record[range]);
@@ -377,11 +343,11 @@ mod tls_adapter {
         };
     }
 
-    fn failure(e: RecordError) -> Step {
+    fn failure(e: RecordError) -> SessionEvent {
         match e {
             // The peer ended the connection with an alert: nothing to answer.
-            RecordError::PeerAlert { .. } | RecordError::Closed(_) => Step::Closed,
-            e => Step::TlsFailure {
+            RecordError::PeerAlert { .. } | RecordError::Closed(_) => SessionEvent::Closed,
+            e => SessionEvent::TlsFailure {
                 alert: e.alert(),
                 reason: e.to_string(),
             },

@@ -1,33 +1,89 @@
-//! The shard's connection table: every connection's slab entry, its one
-//! deadline-wheel entry, and what happens to established sessions when
-//! their socket is readable or a deadline passes.
+//! The shard's connection table: every connection's slab entry (keyed by
+//! slab key and generation), its phase, its one deadline-wheel entry, the
+//! epoll set of established sessions, and the per-shard scratch buffers.
 //!
 //! A connection is a handshake task until its TLS handshake completes
-//! (see `conn.rs`), then a [`Session`] entry driven from the shard's epoll
-//! set by [`session_loop`].
+//! (`conn/handshake.rs`), then a [`Session`] entry read when the poller
+//! reports it ready. The protocol decisions are `conn/agent.rs`'s; what
+//! the rest of the shard must do about them (tell an owner shard, count)
+//! the table does not do itself: its methods push [`ConnEffect`]s into a
+//! buffer the caller owns and applies (`shard/mod.rs`).
 
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, OwnedFd};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
-use nix::sys::epoll::EpollFlags;
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+use slab::Slab;
 use tracing::{debug, warn};
 
-use crate::conn::handshake::ConnCmd;
-use crate::conn::session::{Session, Step};
-use crate::presence::table::{owner_shard, ConnRef, GoneReason};
-use crate::shard::{Shard, ShardMsg};
-use crate::tls::record::{AlertDescription, LeanSession};
-use presence_proto::{ErrorCode, Frame};
+use crate::conn::agent::{self, Close, ConnCmd, Effect, Ending, Phase, SessionEvent, Timeouts};
+use crate::conn::poller::{Poller, PollerError};
+use crate::conn::session::{Pending, Session};
+use crate::conn::wheel::DeadlineWheel;
+use crate::presence::table::{ConnRef, GoneReason};
+use crate::shared::Runtime;
+use crate::tls::record::{LeanSession, RecordError};
+use crate::upgrade::machine::ConnFd;
+use crate::upgrade::manifest::ConnHandoff;
+use presence_proto::{ErrorCode, Frame, TOKEN_LEN};
 
-/// Connection lifecycle phase, which decides the entry's deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Handshake,
-    AwaitHello,
-    Session,
+/// Why the table could not be built or could not take connections over.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot create the session poller: {0}")]
+    Poller(#[source] PollerError),
+    #[error("connection {key}: unknown suite {suite:#06x}")]
+    UnknownSuite { key: u32, suite: u16 },
+    #[error("connection {key}: {source}")]
+    Tls {
+        key: u32,
+        #[source]
+        source: RecordError,
+    },
+    #[error("two handed-over connections share a slab key")]
+    DuplicateKey,
+    #[error("connection {key}: cannot watch its socket: {source}")]
+    Watch {
+        key: usize,
+        #[source]
+        source: PollerError,
+    },
 }
+
+/// What the rest of the shard must do after a table operation, in order.
+#[derive(Debug)]
+pub enum ConnEffect {
+    /// A HELLO was accepted: tell the agent's owner shard.
+    Hello {
+        id: Box<str>,
+        session: u64,
+        conn: ConnRef,
+        ts_ms: u64,
+    },
+    /// A session (past HELLO) ended: tell the agent's owner shard.
+    Gone {
+        id: Box<str>,
+        session: u64,
+        reason: GoneReason,
+        /// Wall-clock ms of the last frame.
+        last_seen_ms: u64,
+        ts_ms: u64,
+    },
+    /// A HEARTBEAT was acknowledged.
+    Heartbeat,
+    /// An agent said BYE.
+    Bye,
+    /// A session went silent past its deadline.
+    Timeout,
+    /// An ERROR frame was sent.
+    ErrorSent(ErrorCode),
+}
+
+/// The effects of one operation; the caller's buffer, reused.
+pub type Effects = Vec<ConnEffect>;
 
 /// What a slab entry holds besides its bookkeeping.
 pub enum Kind {
@@ -40,21 +96,12 @@ pub enum Kind {
 pub struct ConnEntry {
     pub gen: u32,
     pub phase: Phase,
-    /// Shard-clock milliseconds (see [`Shard::now_ms`]).
+    /// Table-clock milliseconds (see [`ConnTable::now_ms`]).
     pub accepted_ms: u64,
     pub last_seen_ms: u64,
     /// Tick of this entry's live wheel entry (0 = none).
     pub(crate) wheel_tick: u64,
     pub kind: Kind,
-}
-
-impl ConnEntry {
-    pub fn session(&self) -> Option<&Session> {
-        match &self.kind {
-            Kind::Session(s) => Some(s),
-            Kind::Handshake(_) => None,
-        }
-    }
 }
 
 /// Per-shard scratch space shared by every session: nothing per connection.
@@ -68,7 +115,7 @@ pub struct Scratch {
     /// Sealed output.
     pub out: Vec<u8>,
     /// What one read asked for (frames, closes), acted on by `apply`.
-    pub steps: Vec<Step>,
+    pub events: Vec<SessionEvent>,
 }
 
 impl Default for Scratch {
@@ -78,13 +125,23 @@ impl Default for Scratch {
             plain: Vec::with_capacity(16 * 1024),
             reply: Vec::with_capacity(4 * 1024),
             out: Vec::with_capacity(8 * 1024),
-            steps: Vec::with_capacity(64),
+            events: Vec::with_capacity(64),
         }
     }
 }
 
+/// A completed TLS handshake, ready to become a session entry.
+pub struct NewSession {
+    pub fd: OwnedFd,
+    pub tls: LeanSession,
+    /// Ciphertext that arrived after the handshake.
+    pub input: Vec<u8>,
+    /// Application data that came with the handshake.
+    pub early: Vec<u8>,
+}
+
 /// The live session at `key` with generation `gen`, if any.
-fn session_mut(conns: &mut slab::Slab<ConnEntry>, key: usize, gen: u32) -> Option<&mut Session> {
+fn session_mut(conns: &mut Slab<ConnEntry>, key: usize, gen: u32) -> Option<&mut Session> {
     match conns
         .get_mut(key)
         .filter(|e| e.gen == gen)
@@ -104,8 +161,57 @@ fn untoken(t: u64) -> (usize, u32) {
     ((t & 0xffff_ffff) as usize, (t >> 32) as u32)
 }
 
-impl Shard {
-    /// Milliseconds on this shard's monotonic clock.
+/// The agent rules' view of the runtime.
+struct RuntimeContext<'a>(&'a Runtime);
+
+impl agent::Context for RuntimeContext<'_> {
+    fn verify_token(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> bool {
+        self.0.verify_token(id, token)
+    }
+    fn heartbeat_interval_ms(&self) -> u32 {
+        self.0.config.presence.heartbeat_interval.as_millis() as u32
+    }
+    fn new_session_id(&mut self) -> u64 {
+        rand::random()
+    }
+}
+
+/// Every connection of one shard.
+pub struct ConnTable {
+    shard: usize,
+    rt: Arc<Runtime>,
+    conns: RefCell<Slab<ConnEntry>>,
+    wheel: RefCell<DeadlineWheel<(u32, u32)>>,
+    poller: Poller,
+    scratch: RefCell<Scratch>,
+    /// Start of this table's millisecond clock.
+    origin: Instant,
+    next_gen: Cell<u32>,
+}
+
+impl ConnTable {
+    /// A table for shard `shard` holding up to `capacity` connections
+    /// without reallocating, its wheel ticking every `tick` from `origin`.
+    pub fn new(
+        shard: usize,
+        rt: Arc<Runtime>,
+        origin: Instant,
+        tick: Duration,
+        capacity: usize,
+    ) -> Result<Self, ConnError> {
+        Ok(Self {
+            shard,
+            rt,
+            conns: RefCell::new(Slab::with_capacity(capacity)),
+            wheel: RefCell::new(DeadlineWheel::new(origin, tick, 1024)),
+            poller: Poller::new().map_err(ConnError::Poller)?,
+            scratch: RefCell::new(Scratch::default()),
+            origin,
+            next_gen: Cell::new(0),
+        })
+    }
+
+    /// Milliseconds on this table's monotonic clock.
     pub fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
     }
@@ -114,19 +220,23 @@ impl Shard {
         self.origin + Duration::from_millis(ms)
     }
 
-    /// Wall-clock ms of a shard-clock time.
-    pub fn wall_ms_of(&self, ms: u64) -> u64 {
+    /// Wall-clock ms of a table-clock time.
+    fn wall_ms_of(&self, ms: u64) -> u64 {
         crate::shared::wall_ms().saturating_sub(self.now_ms().saturating_sub(ms))
     }
 
-    fn deadline_ms(&self, e: &ConnEntry) -> u64 {
+    fn timeouts(&self) -> Timeouts {
         let c = &self.rt.config;
-        let ms = |d: Duration| d.as_millis() as u64;
-        match e.phase {
-            Phase::Handshake => e.accepted_ms + ms(c.tls.handshake_timeout),
-            Phase::AwaitHello => e.accepted_ms + ms(c.presence.hello_timeout),
-            Phase::Session => e.last_seen_ms + ms(c.presence.liveness_timeout()),
-        }
+        Timeouts::new(
+            c.tls.handshake_timeout,
+            c.presence.hello_timeout,
+            c.presence.liveness_timeout(),
+        )
+    }
+
+    fn deadline_ms(&self, e: &ConnEntry) -> u64 {
+        self.timeouts()
+            .deadline_ms(e.phase, e.accepted_ms, e.last_seen_ms)
     }
 
     /// Give the entry a wheel entry at `at_ms`. Every live connection has
@@ -158,9 +268,7 @@ impl Shard {
             wheel_tick: 0,
             kind: Kind::Handshake(Some(tx)),
         };
-        let c = &self.rt.config;
-        let first = c.tls.handshake_timeout.min(c.presence.hello_timeout);
-        self.schedule(key, &mut e, now + first.as_millis() as u64);
+        self.schedule(key, &mut e, self.timeouts().first_deadline_ms(now));
         entry.insert(e);
         (key, gen, rx)
     }
@@ -174,17 +282,15 @@ impl Shard {
     }
 
     /// The TLS handshake completed: the connection becomes a session entry
-    /// watched by the epoll set. `input` is ciphertext that arrived after
-    /// the handshake; `early` is application data that came with it.
-    pub fn adopt(
-        &self,
-        key: usize,
-        gen: u32,
-        fd: OwnedFd,
-        tls: LeanSession,
-        input: Vec<u8>,
-        early: Vec<u8>,
-    ) {
+    /// watched by the poller, and acts on the input that came with it
+    /// (unless `frozen`: then the input waits in the session).
+    pub fn adopt(&self, key: usize, gen: u32, new: NewSession, frozen: bool, fx: &mut Effects) {
+        let NewSession {
+            fd,
+            tls,
+            mut input,
+            mut early,
+        } = new;
         {
             let mut conns = self.conns.borrow_mut();
             let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
@@ -197,11 +303,11 @@ impl Shard {
             }
             e.phase = Phase::AwaitHello;
             let mut session = Box::new(Session::new(fd, tls));
-            if self.is_frozen() {
+            if frozen {
                 // A live hand-over is under way: nothing may change now.
                 // The input waits in the session (and travels with it).
                 if !(input.is_empty() && early.is_empty()) {
-                    session.pending = Some(Box::new(crate::conn::session::Pending {
+                    session.pending = Some(Box::new(Pending {
                         record: input,
                         frames: early,
                         tx: Vec::new(),
@@ -212,66 +318,45 @@ impl Shard {
             }
             e.kind = Kind::Session(session);
         }
-        let mut steps = Vec::new();
-        let closing = {
+        let mut events = Vec::new();
+        {
             let mut conns = self.conns.borrow_mut();
             let mut scratch = self.scratch.borrow_mut();
             let Scratch { plain, out, .. } = &mut *scratch;
             out.clear();
-            match conns.get_mut(key).map(|e| &mut e.kind) {
-                Some(Kind::Session(s)) => {
-                    let mut closing = false;
-                    if !early.is_empty() {
-                        let mut early = early;
-                        closing = s.split_early(&mut early, &mut steps);
-                    }
-                    if !closing && !input.is_empty() {
-                        let mut input = input;
-                        s.ingest(&mut input, plain, out, &mut steps);
-                    }
-                    // A KeyUpdate that came with the client Finished: its
-                    // reply goes out before anything sealed under the new key.
-                    if !out.is_empty() && !s.send(out) {
-                        steps.push(Step::Closed);
-                    }
-                    closing
+            if let Some(s) = session_mut(&mut conns, key, gen) {
+                let closing = !early.is_empty() && s.split_early(&mut early, &mut events);
+                if !closing && !input.is_empty() {
+                    s.ingest(&mut input, plain, out, &mut events);
                 }
-                _ => false,
+                // A KeyUpdate that came with the client Finished: its reply
+                // goes out before anything sealed under the new key.
+                if !out.is_empty() && !s.send(out) {
+                    events.push(SessionEvent::Closed);
+                }
             }
-        };
-        let _ = closing;
-        if !steps.is_empty() {
-            self.apply(key, gen, &mut steps);
+        }
+        if !events.is_empty() {
+            self.apply(key, gen, &mut events, fx);
         }
     }
 
-    /// The loop that serves every established session of this shard.
-    pub async fn serve_sessions(self: Rc<Self>) {
-        let mut events = Vec::with_capacity(crate::conn::poller::BATCH);
-        while !self.is_shutting_down() {
-            if self.is_frozen() {
-                // Level-triggered: readiness waits until the thaw.
-                glommio::timer::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            events = self.poller.wait(events, Duration::from_millis(50)).await;
-            if self.is_frozen() {
-                continue;
-            }
-            for ev in &events {
-                let (key, gen) = untoken(ev.data());
-                self.on_ready(key, gen, ev.events());
-            }
-        }
+    /// Wait (at most `timeout`) for sessions whose sockets are ready; the
+    /// buffer comes back filled, for [`ConnTable::on_ready`].
+    pub async fn wait_ready(&self, events: Vec<EpollEvent>, timeout: Duration) -> Vec<EpollEvent> {
+        self.poller.wait(events, timeout).await
     }
 
-    /// A session's socket is ready.
-    fn on_ready(&self, key: usize, gen: u32, flags: EpollFlags) {
-        // The shard's step buffer, out of the scratch while `apply` borrows it.
-        let mut steps = std::mem::take(&mut self.scratch.borrow_mut().steps);
+    /// A session's socket is ready: flush, read, act.
+    pub fn on_ready(&self, ev: &EpollEvent, fx: &mut Effects) {
+        let (key, gen) = untoken(ev.data());
+        let flags = ev.events();
+        // The shard's event buffer, out of the scratch while `apply` borrows it.
+        let mut events = std::mem::take(&mut self.scratch.borrow_mut().events);
         let close = {
             let mut conns = self.conns.borrow_mut();
             let Some(s) = session_mut(&mut conns, key, gen) else {
+                self.scratch.borrow_mut().events = events;
                 return;
             };
             let mut close = false;
@@ -289,7 +374,7 @@ impl Shard {
                 read, plain, out, ..
             } = &mut *scratch;
             out.clear();
-            s.read(read, plain, out, &mut steps);
+            s.read(read, plain, out, &mut events);
             // KeyUpdate replies and the like.
             if !out.is_empty() {
                 close |= !s.send(out);
@@ -297,181 +382,99 @@ impl Shard {
             close
         };
         if close {
-            self.close_session(key, gen, GoneReason::Disconnect);
-        } else if !steps.is_empty() {
-            self.apply(key, gen, &mut steps);
+            self.close_session(key, gen, GoneReason::Disconnect, fx);
+        } else if !events.is_empty() {
+            self.apply(key, gen, &mut events, fx);
         }
-        steps.clear();
-        self.scratch.borrow_mut().steps = steps;
+        events.clear();
+        self.scratch.borrow_mut().events = events;
     }
 
-    /// Act on what a session's input asked for; reply with one sealed record.
-    fn apply(&self, key: usize, gen: u32, steps: &mut Vec<Step>) {
-        tracing::trace!(shard = self.id, key, ?steps, "session steps");
+    /// Act on what a session's input asked for (the rules are
+    /// `agent::on_event`'s); reply with one sealed record.
+    fn apply(&self, key: usize, gen: u32, events: &mut Vec<SessionEvent>, fx: &mut Effects) {
+        tracing::trace!(shard = self.shard, key, ?events, "session events");
         let now = self.now_ms();
-        let mut hello: Option<(Box<str>, u64)> = None;
-        #[allow(clippy::type_complexity)]
-        let mut end: Option<(
-            GoneReason,
-            Option<(ErrorCode, String)>,
-            Option<Option<AlertDescription>>,
-        )> = None;
+        let mut end: Option<Ending> = None;
         let mut scratch = self.scratch.borrow_mut();
         let Scratch { reply, out, .. } = &mut *scratch;
         reply.clear();
-        {
-            let mut conns = self.conns.borrow_mut();
-            let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
-                return;
-            };
-            for step in steps.drain(..) {
-                if matches!(step, Step::Frame(_)) {
-                    e.last_seen_ms = now;
-                }
-                match (e.phase, step) {
-                    (Phase::AwaitHello, Step::Frame(Frame::Hello { id, token, .. })) => {
-                        if !self.rt.verify_token(&id, &token) {
-                            end = Some((
-                                GoneReason::Disconnect,
-                                Some((
-                                    ErrorCode::AuthenticationFailed,
-                                    "token does not match the agent id".into(),
-                                )),
-                                None,
-                            ));
-                            break;
-                        }
-                        let id: Box<str> = String::from_utf8_lossy(&id).into();
-                        let session: u64 = rand::random();
-                        self.counters.hellos.inc();
-                        Frame::Welcome {
-                            heartbeat_interval_ms: self
-                                .rt
-                                .config
-                                .presence
-                                .heartbeat_interval
-                                .as_millis()
-                                as u32,
-                            session_id: session,
-                        }
-                        .encode(reply);
-                        e.phase = Phase::Session;
-                        if let Kind::Session(s) = &mut e.kind {
-                            s.agent = Some(id.clone());
-                            s.session_id = session;
-                        }
-                        let at = self.deadline_ms(e);
-                        self.schedule(key, e, at);
-                        hello = Some((id, session));
-                    }
-                    (Phase::AwaitHello, Step::Frame(other)) => {
-                        let msg =
-                            format!("expected HELLO as the first frame, got {}", other.name());
-                        end = Some((
-                            GoneReason::Disconnect,
-                            Some((ErrorCode::MalformedFrame, msg)),
-                            None,
-                        ));
-                        break;
-                    }
-                    (Phase::Session, Step::Frame(Frame::Heartbeat { seq })) => {
-                        self.counters.heartbeats.inc();
-                        Frame::HeartbeatAck { seq }.encode(reply);
-                    }
-                    (Phase::Session, Step::Frame(Frame::Bye)) => {
-                        self.counters.byes.inc();
-                        end = Some((GoneReason::Bye, None, None));
-                        break;
-                    }
-                    (Phase::Session, Step::Frame(other)) => {
-                        let msg = match other {
-                            Frame::Hello { .. } => "HELLO was already received".to_owned(),
-                            f => format!("{} is not a frame an agent sends", f.name()),
-                        };
-                        end = Some((
-                            GoneReason::Disconnect,
-                            Some((ErrorCode::MalformedFrame, msg)),
-                            None,
-                        ));
-                        break;
-                    }
-                    (_, Step::Violation(code, msg)) => {
-                        end = Some((GoneReason::Disconnect, Some((code, msg)), None));
-                        break;
-                    }
-                    (_, Step::Closed) => {
-                        end = Some((GoneReason::Disconnect, None, None));
-                        break;
-                    }
-                    (_, Step::TlsFailure { alert, reason }) => {
-                        debug!(shard = self.id, "closing after a TLS failure: {reason}");
-                        end = Some((GoneReason::Disconnect, None, Some(alert)));
-                        break;
-                    }
-                    (Phase::Handshake, Step::Frame(_)) => {}
-                }
+        let mut conns = self.conns.borrow_mut();
+        let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
+            return;
+        };
+        let mut ctx = RuntimeContext(&self.rt);
+        for event in events.drain(..) {
+            if let SessionEvent::TlsFailure { reason, .. } = &event {
+                debug!(shard = self.shard, "closing after a TLS failure: {reason}");
             }
-            if let Kind::Session(s) = &mut e.kind {
-                match &end {
-                    None if !reply.is_empty() => {
-                        out.clear();
-                        if !s.seal(reply, out) || !s.send(out) {
-                            end = Some((GoneReason::Disconnect, None, None));
-                        } else if s.pending_output() > 0 && !s.want_write {
-                            s.want_write = true;
-                            let _ =
-                                self.poller
-                                    .set_write_interest(s.fd.as_fd(), token(key, gen), true);
-                        }
+            let outcome = agent::on_event(e.phase, event, &mut ctx);
+            if outcome.seen {
+                e.last_seen_ms = now;
+            }
+            if let Some(f) = outcome.reply {
+                f.encode(reply);
+            }
+            match outcome.effect {
+                Effect::None => {}
+                Effect::Heartbeat => fx.push(ConnEffect::Heartbeat),
+                Effect::Welcomed { agent, session } => {
+                    e.phase = Phase::Session;
+                    if let Kind::Session(s) = &mut e.kind {
+                        s.agent = Some(agent.clone());
+                        s.session_id = session;
                     }
-                    None => {}
-                    Some((_, error, alert)) => {
-                        if let Some((code, msg)) = error {
-                            self.counters.error_sent(*code);
-                            Frame::error(*code, msg.clone()).encode(reply);
-                        }
-                        match alert {
-                            Some(a) => {
-                                out.clear();
-                                s.seal_alert(*a, out);
-                                let _ = s.send(out);
-                            }
-                            None => s.goodbye(reply, out),
-                        }
-                    }
+                    let at = self.deadline_ms(e);
+                    self.schedule(key, e, at);
+                    fx.push(ConnEffect::Hello {
+                        id: agent,
+                        session,
+                        conn: ConnRef {
+                            shard: self.shard as u16,
+                            key: key as u32,
+                            gen,
+                        },
+                        ts_ms: crate::shared::wall_ms(),
+                    });
+                }
+                Effect::End(ending) => {
+                    end = Some(ending);
+                    break;
                 }
             }
         }
-        drop(scratch);
-        if let Some((id, session)) = hello {
-            let owner = owner_shard(id.as_bytes(), self.nshards);
-            self.router_send(
-                owner,
-                ShardMsg::Hello {
-                    id,
-                    session,
-                    conn: ConnRef {
-                        shard: self.id as u16,
-                        key: key as u32,
-                        gen,
-                    },
-                    ts_ms: crate::shared::wall_ms(),
-                },
-            );
+        if let Kind::Session(s) = &mut e.kind {
+            match &end {
+                None if !reply.is_empty() => {
+                    out.clear();
+                    if !s.seal(reply, out) || !s.send(out) {
+                        end = Some(Ending {
+                            reason: GoneReason::Disconnect,
+                            error: None,
+                            close: Close::Goodbye,
+                        });
+                    } else if s.pending_output() > 0 && !s.want_write {
+                        s.want_write = true;
+                        let _ = self
+                            .poller
+                            .set_write_interest(s.fd.as_fd(), token(key, gen), true);
+                    }
+                }
+                None => {}
+                Some(ending) => goodbye(s, ending, reply, out, fx),
+            }
         }
-        if let Some((reason, _, _)) = end {
-            self.close_session(key, gen, reason);
+        drop((conns, scratch));
+        if let Some(ending) = end {
+            if ending.reason == GoneReason::Bye {
+                fx.push(ConnEffect::Bye);
+            }
+            self.close_session(key, gen, ending.reason, fx);
         }
     }
 
-    /// End a session with ERROR `code` (when given) and close_notify.
-    pub fn end_session(
-        &self,
-        key: usize,
-        gen: u32,
-        code: Option<(ErrorCode, &str)>,
-        reason: GoneReason,
-    ) {
+    /// End a session as `ending` says: ERROR (when given) and close_notify.
+    fn end_session(&self, key: usize, gen: u32, ending: &Ending, fx: &mut Effects) {
         {
             let mut conns = self.conns.borrow_mut();
             let Some(s) = session_mut(&mut conns, key, gen) else {
@@ -480,17 +483,13 @@ impl Shard {
             let mut scratch = self.scratch.borrow_mut();
             let Scratch { reply, out, .. } = &mut *scratch;
             reply.clear();
-            if let Some((code, msg)) = code {
-                self.counters.error_sent(code);
-                Frame::error(code, msg).encode(reply);
-            }
-            s.goodbye(reply, out);
+            goodbye(s, ending, reply, out, fx);
         }
-        self.close_session(key, gen, reason);
+        self.close_session(key, gen, ending.reason, fx);
     }
 
-    /// Free a session's slot and socket; tell the owner shard.
-    pub fn close_session(&self, key: usize, gen: u32, reason: GoneReason) {
+    /// Free a session's slot and socket; a session past HELLO is gone.
+    fn close_session(&self, key: usize, gen: u32, reason: GoneReason, fx: &mut Effects) {
         let e = {
             let mut conns = self.conns.borrow_mut();
             if conns.get(key).is_none_or(|e| e.gen != gen) {
@@ -503,24 +502,20 @@ impl Shard {
         };
         let _ = self.poller.remove(s.fd.as_fd());
         if let (Some(id), Phase::Session) = (s.agent, e.phase) {
-            let owner = owner_shard(id.as_bytes(), self.nshards);
-            self.router_send(
-                owner,
-                ShardMsg::Gone {
-                    id,
-                    session: s.session_id,
-                    reason,
-                    last_seen_ms: self.wall_ms_of(e.last_seen_ms),
-                    ts_ms: crate::shared::wall_ms(),
-                },
-            );
+            fx.push(ConnEffect::Gone {
+                id,
+                session: s.session_id,
+                reason,
+                last_seen_ms: self.wall_ms_of(e.last_seen_ms),
+                ts_ms: crate::shared::wall_ms(),
+            });
         }
         // `s.fd` closes here.
     }
 
     /// Deliver a command to a connection, whatever its phase.
-    pub fn command(&self, key: usize, gen: u32, cmd: ConnCmd) {
-        let phase = {
+    pub fn command(&self, key: usize, gen: u32, cmd: ConnCmd, fx: &mut Effects) {
+        {
             let mut conns = self.conns.borrow_mut();
             let Some(e) = conns.get_mut(key).filter(|e| e.gen == gen) else {
                 return;
@@ -531,46 +526,15 @@ impl Shard {
                 }
                 return;
             }
-            e.phase
-        };
-        match (cmd, phase) {
-            (ConnCmd::Timeout, _) => {
-                self.counters.timeouts.inc();
-                self.end_session(key, gen, None, GoneReason::Timeout);
-            }
-            (ConnCmd::HelloTimeout | ConnCmd::HandshakeTimeout, _) => {
-                self.end_session(
-                    key,
-                    gen,
-                    Some((ErrorCode::HelloTimeout, "no HELLO in time")),
-                    GoneReason::Disconnect,
-                );
-            }
-            (ConnCmd::Superseded, _) => {
-                // The owner already moved to the new session: no event for this one.
-                self.end_session(
-                    key,
-                    gen,
-                    Some((
-                        ErrorCode::Superseded,
-                        "superseded by a newer session of this agent",
-                    )),
-                    GoneReason::Shutdown,
-                );
-            }
-            (ConnCmd::Shutdown, _) => {
-                self.end_session(
-                    key,
-                    gen,
-                    Some((ErrorCode::ShuttingDown, "server shutting down")),
-                    GoneReason::Shutdown,
-                );
-            }
         }
+        if cmd == ConnCmd::Timeout {
+            fx.push(ConnEffect::Timeout);
+        }
+        self.end_session(key, gen, &agent::on_command(cmd), fx);
     }
 
     /// Fire due deadlines.
-    pub fn expire_deadlines(&self, fired: &mut Vec<(u64, (u32, u32))>) {
+    pub fn expire_deadlines(&self, fired: &mut Vec<(u64, (u32, u32))>, fx: &mut Effects) {
         let now = Instant::now();
         self.wheel
             .borrow_mut()
@@ -587,23 +551,18 @@ impl Shard {
                 }
                 e.wheel_tick = 0;
                 let due = self.deadline_ms(e);
-                if due <= now_ms {
-                    match e.phase {
-                        Phase::Handshake => ConnCmd::HandshakeTimeout,
-                        Phase::AwaitHello => ConnCmd::HelloTimeout,
-                        Phase::Session => ConnCmd::Timeout,
-                    }
-                } else {
+                if due > now_ms {
                     self.schedule(key as usize, e, due);
                     continue;
                 }
+                agent::expired(e.phase)
             };
-            self.command(key as usize, gen, cmd);
+            self.command(key as usize, gen, cmd, fx);
         }
     }
 
     /// Ask every connection to close with ERROR 7 (no presence events).
-    pub fn close_all(&self) {
+    pub fn close_all(&self, fx: &mut Effects) {
         let keys: Vec<(usize, u32)> = self
             .conns
             .borrow()
@@ -611,70 +570,47 @@ impl Shard {
             .map(|(k, e)| (k, e.gen))
             .collect();
         for (key, gen) in keys {
-            self.command(key, gen, ConnCmd::Shutdown);
+            self.command(key, gen, ConnCmd::Shutdown, fx);
         }
     }
 
     /// Live hand-over, old process: describe every session whose TLS state
-    /// can be carried (with a duplicate of its socket) and every presence
-    /// record this shard owns. The shard is frozen: nothing changes after.
-    pub fn quiesce(&self) -> crate::upgrade::machine::ShardSnapshot {
-        use crate::upgrade::manifest::{phase, ConnHandoff, TlsState};
+    /// can be carried (with its socket); returns them and how many were
+    /// left out. The shard is frozen: nothing changes after.
+    pub fn quiesce(&self) -> (Vec<(ConnHandoff, ConnFd)>, u64) {
         let now = self.now_ms();
         let mut conns = self.conns.borrow_mut();
-        let mut snap = crate::upgrade::machine::ShardSnapshot {
-            conns: Vec::new(),
-            records: Vec::new(),
-            uncarried: 0,
-        };
+        let mut carried = Vec::new();
+        let mut uncarried = 0;
         for (key, e) in conns.iter_mut() {
             let (gen, last_seen_ms, accepted_ms, phase) =
                 (e.gen, e.last_seen_ms, e.accepted_ms, e.phase);
             let Kind::Session(s) = &mut e.kind else {
-                snap.uncarried += 1; // mid-handshake: no TLS state yet
+                uncarried += 1; // mid-handshake: no TLS state yet
                 continue;
             };
             if !s.tls.transferable() {
-                snap.uncarried += 1; // mid-KeyUpdate, or closing
+                uncarried += 1; // mid-KeyUpdate, or closing
                 continue;
             }
             // The session keeps its descriptor open until release or thaw.
-            let fd =
-                crate::upgrade::machine::ConnFd::Borrowed(std::os::fd::AsRawFd::as_raw_fd(&s.fd));
-            let (suite, rx_secret, rx_seq, tx_secret, tx_seq) = s.tls.export();
-            let pending = s.pending.as_deref();
+            let fd = ConnFd::Borrowed(std::os::fd::AsRawFd::as_raw_fd(&s.fd));
             s.carried = true;
-            snap.conns.push((
-                ConnHandoff {
-                    shard: self.id as u16,
-                    key: key as u32,
+            carried.push((
+                handoff(
+                    s,
+                    self.shard,
+                    key,
                     gen,
-                    agent: s.agent.as_deref().map(str::to_owned),
-                    session_id: s.session_id,
-                    last_seen_age_ms: now.saturating_sub(last_seen_ms),
-                    accepted_age_ms: now.saturating_sub(accepted_ms),
-                    phase: if phase == Phase::Session {
-                        phase::SESSION
-                    } else {
-                        phase::AWAIT_HELLO
-                    },
-                    tls: TlsState {
-                        suite: suite.iana(),
-                        rx_secret,
-                        tx_secret,
-                        rx_seq,
-                        tx_seq,
-                    },
-                    rx_pending: pending.map(|p| p.record.clone()).unwrap_or_default(),
-                    rx_plain: pending.map(|p| p.frames.clone()).unwrap_or_default(),
-                    tx_pending: pending.map(|p| p.tx.clone()).unwrap_or_default(),
-                },
+                    phase,
+                    now,
+                    last_seen_ms,
+                    accepted_ms,
+                ),
                 fd,
             ));
         }
-        drop(conns);
-        snap.records = self.presence.borrow().export(Instant::now());
-        snap
+        (carried, uncarried)
     }
 
     /// Live hand-over committed, old process: let go of every connection.
@@ -714,56 +650,21 @@ impl Shard {
     /// serving starts.
     pub fn adopt_handed(
         &self,
-        handed: Vec<(crate::upgrade::manifest::ConnHandoff, OwnedFd)>,
-    ) -> Result<(), String> {
-        use crate::upgrade::manifest::phase;
+        handed: Vec<(ConnHandoff, OwnedFd)>,
+        fx: &mut Effects,
+    ) -> Result<(), ConnError> {
         let now = self.now_ms();
         let mut max_gen = 0;
         let mut entries = Vec::with_capacity(handed.len());
         for (h, fd) in handed {
-            let suite = crate::tls::record::Suite::from_iana(h.tls.suite).ok_or_else(|| {
-                format!("connection {}: unknown suite {:#06x}", h.key, h.tls.suite)
-            })?;
-            let tls = LeanSession::new(
-                suite,
-                &h.tls.rx_secret,
-                h.tls.rx_seq,
-                &h.tls.tx_secret,
-                h.tls.tx_seq,
-            )
-            .map_err(|e| format!("connection {}: {e}", h.key))?;
-            let mut s = Session::new(fd, tls);
-            s.agent = h.agent.map(Into::into);
-            s.session_id = h.session_id;
-            if !(h.rx_pending.is_empty() && h.rx_plain.is_empty() && h.tx_pending.is_empty()) {
-                s.pending = Some(Box::new(crate::conn::session::Pending {
-                    record: h.rx_pending,
-                    frames: h.rx_plain,
-                    tx: h.tx_pending,
-                }));
-            }
             max_gen = max_gen.max(h.gen);
-            let phase = if h.phase == phase::SESSION {
-                Phase::Session
-            } else {
-                Phase::AwaitHello
-            };
-            entries.push((
-                h.key as usize,
-                ConnEntry {
-                    gen: h.gen,
-                    phase,
-                    accepted_ms: now.saturating_sub(h.accepted_age_ms),
-                    last_seen_ms: now.saturating_sub(h.last_seen_age_ms),
-                    wheel_tick: 0,
-                    kind: Kind::Session(Box::new(s)),
-                },
-            ));
+            let key = h.key as usize;
+            entries.push((key, handed_entry(h, fd, now)?));
         }
         let n = entries.len();
-        let slab: slab::Slab<ConnEntry> = entries.into_iter().collect();
+        let slab: Slab<ConnEntry> = entries.into_iter().collect();
         if slab.len() != n {
-            return Err("two handed-over connections share a slab key".into());
+            return Err(ConnError::DuplicateKey);
         }
         *self.conns.borrow_mut() = slab;
         self.next_gen.set(max_gen);
@@ -782,7 +683,7 @@ impl Shard {
                 s.want_write = want_write;
                 self.poller
                     .add(s.fd.as_fd(), token(key, gen), want_write)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|source| ConnError::Watch { key, source })?;
             }
         }
         // Input the old process had read but not acted on (it was frozen):
@@ -792,14 +693,14 @@ impl Shard {
                 Some(e) => e.gen,
                 None => continue,
             };
-            self.kick(key, gen);
+            self.kick(key, gen, fx);
         }
         Ok(())
     }
 
     /// Process input already held in a session's pending buffers.
-    fn kick(&self, key: usize, gen: u32) {
-        let mut steps = {
+    fn kick(&self, key: usize, gen: u32, fx: &mut Effects) {
+        let mut events = {
             let mut conns = self.conns.borrow_mut();
             let Some(s) = session_mut(&mut conns, key, gen) else {
                 return;
@@ -808,29 +709,29 @@ impl Shard {
                 return;
             };
             let mut frames = std::mem::take(&mut p.frames);
-            let mut steps = Vec::new();
+            let mut events = Vec::new();
             let mut scratch = self.scratch.borrow_mut();
             let Scratch { plain, out, .. } = &mut *scratch;
             out.clear();
             let mut closing = false;
             if !frames.is_empty() {
-                closing = s.split_early(&mut frames, &mut steps);
+                closing = s.split_early(&mut frames, &mut events);
             }
             if !closing {
-                s.ingest(&mut [], plain, out, &mut steps);
+                s.ingest(&mut [], plain, out, &mut events);
             }
             if !out.is_empty() && !s.send(out) {
-                steps.push(Step::Closed);
+                events.push(SessionEvent::Closed);
             }
-            steps
+            events
         };
-        if !steps.is_empty() {
-            self.apply(key, gen, &mut steps);
+        if !events.is_empty() {
+            self.apply(key, gen, &mut events, fx);
         }
     }
 
     /// (connections, sessions past HELLO)
-    pub fn conn_counts(&self) -> (u64, u64) {
+    pub fn counts(&self) -> (u64, u64) {
         let conns = self.conns.borrow();
         let sessions = conns
             .iter()
@@ -839,12 +740,121 @@ impl Shard {
         (conns.len() as u64, sessions as u64)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.conns.borrow().is_empty()
+    }
+
     /// Live last-seen (wall ms) of a connection, for `agent <id>`.
     pub fn last_seen_wall_ms(&self, conn: ConnRef) -> Option<u64> {
         let conns = self.conns.borrow();
         let e = conns.get(conn.key as usize).filter(|e| e.gen == conn.gen)?;
         Some(self.wall_ms_of(e.last_seen_ms))
     }
+}
+
+/// Send `ending`'s ERROR (if any) then close as it says; `reply` may
+/// already hold frames to send first.
+fn goodbye(
+    s: &mut Session,
+    ending: &Ending,
+    reply: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    fx: &mut Effects,
+) {
+    if let Some((code, msg)) = &ending.error {
+        fx.push(ConnEffect::ErrorSent(*code));
+        Frame::error(*code, msg.as_ref()).encode(reply);
+    }
+    match ending.close {
+        Close::Alert(alert) => {
+            out.clear();
+            s.seal_alert(alert, out);
+            let _ = s.send(out);
+        }
+        Close::Goodbye => s.goodbye(reply, out),
+    }
+}
+
+/// A session described for the process taking over.
+#[allow(clippy::too_many_arguments)]
+fn handoff(
+    s: &Session,
+    shard: usize,
+    key: usize,
+    gen: u32,
+    phase: Phase,
+    now: u64,
+    last_seen_ms: u64,
+    accepted_ms: u64,
+) -> ConnHandoff {
+    use crate::upgrade::manifest::{phase, TlsState};
+    let (suite, rx_secret, rx_seq, tx_secret, tx_seq) = s.tls.export();
+    let pending = s.pending.as_deref();
+    ConnHandoff {
+        shard: shard as u16,
+        key: key as u32,
+        gen,
+        agent: s.agent.as_deref().map(str::to_owned),
+        session_id: s.session_id,
+        last_seen_age_ms: now.saturating_sub(last_seen_ms),
+        accepted_age_ms: now.saturating_sub(accepted_ms),
+        phase: if phase == Phase::Session {
+            phase::SESSION
+        } else {
+            phase::AWAIT_HELLO
+        },
+        tls: TlsState {
+            suite: suite.iana(),
+            rx_secret,
+            tx_secret,
+            rx_seq,
+            tx_seq,
+        },
+        rx_pending: pending.map(|p| p.record.clone()).unwrap_or_default(),
+        rx_plain: pending.map(|p| p.frames.clone()).unwrap_or_default(),
+        tx_pending: pending.map(|p| p.tx.clone()).unwrap_or_default(),
+    }
+}
+
+/// A handed-over session's slab entry.
+fn handed_entry(h: ConnHandoff, fd: OwnedFd, now: u64) -> Result<ConnEntry, ConnError> {
+    use crate::upgrade::manifest::phase;
+    let suite =
+        crate::tls::record::Suite::from_iana(h.tls.suite).ok_or(ConnError::UnknownSuite {
+            key: h.key,
+            suite: h.tls.suite,
+        })?;
+    let tls = LeanSession::new(
+        suite,
+        &h.tls.rx_secret,
+        h.tls.rx_seq,
+        &h.tls.tx_secret,
+        h.tls.tx_seq,
+    )
+    .map_err(|source| ConnError::Tls { key: h.key, source })?;
+    let mut s = Session::new(fd, tls);
+    s.agent = h.agent.map(Into::into);
+    s.session_id = h.session_id;
+    if !(h.rx_pending.is_empty() && h.rx_plain.is_empty() && h.tx_pending.is_empty()) {
+        s.pending = Some(Box::new(Pending {
+            record: h.rx_pending,
+            frames: h.rx_plain,
+            tx: h.tx_pending,
+        }));
+    }
+    let phase = if h.phase == phase::SESSION {
+        Phase::Session
+    } else {
+        Phase::AwaitHello
+    };
+    Ok(ConnEntry {
+        gen: h.gen,
+        phase,
+        accepted_ms: now.saturating_sub(h.accepted_age_ms),
+        last_seen_ms: now.saturating_sub(h.last_seen_age_ms),
+        wheel_tick: 0,
+        kind: Kind::Session(Box::new(s)),
+    })
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use glommio::net::UnixStream;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::shard::{Shard, ShardMsg};
+use crate::shard::{Shard, UpgradeMsg};
 use crate::upgrade::machine::{GlobalState, ShardSnapshot, Source, SourceOutcome, UpgradeError};
 use crate::upgrade::manifest::{Manifest, TicketKeys, PROTOCOL};
 use crate::upgrade::spawn::SpawnError;
@@ -379,14 +379,14 @@ async fn perform(
         SourceCommand::Prepare => {
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Freeze { reply })
+                    .ask(i, |reply| UpgradeMsg::Freeze { reply })
                     .await
                     .map_err(|_| gone("freeze"))?;
             }
             // Everything sent before the freeze has been handled.
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Barrier { reply })
+                    .ask(i, |reply| UpgradeMsg::Barrier { reply })
                     .await
                     .map_err(|_| gone("barrier"))?;
             }
@@ -398,7 +398,7 @@ async fn perform(
         }
         SourceCommand::Quiesce(i) if i < n => {
             let snap = shard
-                .ask(i, |reply| ShardMsg::Quiesce { reply })
+                .ask(i, |reply| UpgradeMsg::Quiesce { reply })
                 .await
                 .map_err(|_| gone("quiesce"))?;
             let uncarried = snap.uncarried;
@@ -423,14 +423,14 @@ async fn perform(
         }
         SourceCommand::Thaw => {
             for i in 0..n {
-                shard.tell(i, ShardMsg::Thaw);
+                shard.tell(i, UpgradeMsg::Thaw);
             }
             Ok(0)
         }
         SourceCommand::Release => {
             for i in 0..n {
                 shard
-                    .ask(i, |reply| ShardMsg::Release { reply })
+                    .ask(i, |reply| UpgradeMsg::Release { reply })
                     .await
                     .map_err(|_| gone("release"))?;
             }

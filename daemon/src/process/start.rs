@@ -302,15 +302,18 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
             .get_mut(id)
             .and_then(Option::take)
             .unwrap_or_default();
-        let control = if id == shard::EVENT_SHARD {
-            control.take()
+        // The event shard also serves the control socket and supervision.
+        let hook: Option<Box<dyn shard::ShardHook>> = if id == shard::EVENT_SHARD {
+            control
+                .take()
+                .map(|c| Box::new(crate::process::supervise::EventShardHook::new(c)) as Box<_>)
         } else {
             None
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(runtime.config.server.io_memory_kib * 1024)
-            .spawn(move || shard::run(id, rt, mesh, fd, control, adoption))
+            .spawn(move || shard::run(id, rt, mesh, fd, hook, adoption))
             .map_err(|e| ServerError::Executor {
                 shard: id,
                 source: e.into(),
