@@ -3,7 +3,7 @@
 //! shutdown flag.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +52,8 @@ pub struct Runtime {
     pub started: Instant,
     shards_ready: AtomicUsize,
     reload: Mutex<ReloadStatus>,
+    /// `notAfter` of the serving leaf certificate, Unix ms (0: unknown).
+    cert_not_after_ms: AtomicU64,
 }
 
 /// Outcome of the reloads so far, reported by `stats`.
@@ -91,6 +93,7 @@ impl Runtime {
             started: Instant::now(),
             shards_ready: AtomicUsize::new(0),
             reload: Mutex::new(ReloadStatus::default()),
+            cert_not_after_ms: AtomicU64::new(0),
         }
     }
 
@@ -124,9 +127,11 @@ impl Runtime {
     /// Load and validate the new material, then swap it in (all or nothing).
     fn load_and_swap(&self) -> Result<(), ReloadError> {
         let c = &self.config;
-        let tls = crate::tls::config::server_config(&c.tls.cert, &c.tls.key, &self.ticketer)?;
+        let (tls, not_after) =
+            crate::tls::config::server_config_with_expiry(&c.tls.cert, &c.tls.key, &self.ticketer)?;
         let key = FleetKey::load(&c.auth.fleet_key)?;
         self.set_tls(tls);
+        self.set_cert_not_after(not_after);
         match self.fleet_key.write() {
             Ok(mut g) => *g = key,
             Err(poisoned) => *poisoned.into_inner() = key,
@@ -155,6 +160,17 @@ impl Runtime {
             Ok(mut g) => *g = tls,
             Err(poisoned) => *poisoned.into_inner() = tls,
         }
+    }
+
+    /// Record the serving certificate's `notAfter` (Unix seconds).
+    pub fn set_cert_not_after(&self, unix_s: i64) {
+        let ms = u64::try_from(unix_s).map_or(0, |s| s.saturating_mul(1000));
+        self.cert_not_after_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The serving certificate's `notAfter`, Unix ms (`None` if unknown).
+    pub fn cert_not_after_ms(&self) -> Option<u64> {
+        Some(self.cert_not_after_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
     }
 
     pub fn set_listener_fds(&self, fds: Vec<i32>) {

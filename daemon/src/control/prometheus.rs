@@ -495,6 +495,14 @@ fn reload_families(stats: &Stats) -> Vec<Family> {
             "Unix time of the last reload attempt.",
             r.last_reload_ms.map(|ms| fmt_f64(ms as f64 / 1e3)),
         ),
+        Family::single(
+            "tls_cert_not_after_seconds",
+            "gauge",
+            "Unix time of the serving certificate's notAfter (updated by a successful reload).",
+            stats
+                .tls_cert_not_after_ms
+                .map(|ms| fmt_f64(ms as f64 / 1e3)),
+        ),
     ]
 }
 
@@ -611,6 +619,7 @@ mod tests {
                 last_reload_ms: Some(1_795_507_720_584),
                 last_reload_error: Some("certificate file /x: \"bad\"\nPEM".into()),
             },
+            tls_cert_not_after_ms: Some(1_798_761_600_000),
             rss_bytes: Some(1_234_567),
             heap_bytes: None,
             ..Default::default()
@@ -728,6 +737,7 @@ mod tests {
             s["presenced_reload_last_timestamp_seconds"],
             1_795_507_720.584
         );
+        assert_eq!(s["presenced_tls_cert_not_after_seconds"], 1_798_761_600.0);
         assert_eq!(
             s["presenced_info{version=\"0.1.0\",listen=\"127.0.0.1:7443\"}"],
             1.0

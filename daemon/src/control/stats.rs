@@ -69,6 +69,8 @@ pub struct Stats {
     pub events_next_seq: u64,
     pub events_oldest_seq: u64,
     pub reload: ReloadStatus,
+    /// `notAfter` of the serving certificate, Unix ms (None: unknown).
+    pub tls_cert_not_after_ms: Option<u64>,
     pub record_layer: String,
     /// Presence events published, keyed `online:<reason>` / `offline:<reason>`.
     pub events_by_reason: BTreeMap<String, u64>,
@@ -95,6 +97,7 @@ pub struct ProcessFigures {
     pub events_oldest_seq: u64,
     pub events_by_reason: BTreeMap<String, u64>,
     pub reload: ReloadStatus,
+    pub tls_cert_not_after_ms: Option<u64>,
     pub record_layer: String,
     pub guard: Option<GuardStatus>,
     pub rss_bytes: Option<u64>,
@@ -137,6 +140,7 @@ impl Stats {
             events_next_seq: p.events_next_seq,
             events_oldest_seq: p.events_oldest_seq,
             reload: p.reload,
+            tls_cert_not_after_ms: p.tls_cert_not_after_ms,
             record_layer: p.record_layer,
             events_by_reason: p.events_by_reason,
             presumed_online: sum(|s| s.presumed_online),
@@ -203,6 +207,7 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
         events_oldest_seq,
         events_by_reason,
         reload: rt.reload_status(),
+        tls_cert_not_after_ms: rt.cert_not_after_ms(),
         record_layer: rt
             .record_layer
             .lock()
@@ -285,6 +290,7 @@ mod tests {
             "tickets",
             "state",
             "reload",
+            "tls_cert_not_after_ms",
             "rss_bytes",
             "heap_bytes",
             "per_shard",

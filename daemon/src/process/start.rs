@@ -98,6 +98,8 @@ pub struct Material {
     pub tls: Arc<rustls::ServerConfig>,
     pub fleet_key: FleetKey,
     pub ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
+    /// The leaf certificate's `notAfter`, Unix seconds.
+    pub cert_not_after_s: i64,
 }
 
 impl Material {
@@ -111,10 +113,16 @@ impl Material {
         handed: Option<crate::tls::tickets::TicketKeys>,
     ) -> Result<Self, ServerError> {
         let ticketer = open_ticketer(&config.state.dir, handed)?;
+        let (tls, cert_not_after_s) = crate::tls::config::server_config_with_expiry(
+            &config.tls.cert,
+            &config.tls.key,
+            &ticketer,
+        )?;
         Ok(Self {
-            tls: crate::tls::config::server_config(&config.tls.cert, &config.tls.key, &ticketer)?,
+            tls,
             fleet_key: FleetKey::load(&config.auth.fleet_key)?,
             ticketer,
+            cert_not_after_s,
         })
     }
 }
@@ -196,6 +204,7 @@ pub fn assemble(
         tls,
         fleet_key,
         ticketer,
+        cert_not_after_s,
     } = material;
     let mut runtime = Runtime::new(
         config,
@@ -206,6 +215,7 @@ pub fn assemble(
         shutdown,
         reload_requested,
     );
+    runtime.set_cert_not_after(cert_not_after_s);
     runtime.config_path =
         std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
     Ok(Prepared {

@@ -60,8 +60,9 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The leaf certificate must be within its validity period now.
-pub fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+/// The leaf certificate must be within its validity period now. Returns its
+/// `notAfter` as Unix seconds.
+pub fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| TlsError::Cert {
             path: path.to_owned(),
@@ -69,7 +70,7 @@ pub fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<(), TlsE
         })?;
     let validity = parsed.validity();
     if validity.is_valid() {
-        Ok(())
+        Ok(validity.not_after.timestamp())
     } else {
         Err(TlsError::NotValidNow {
             path: path.to_owned(),
@@ -88,8 +89,18 @@ pub fn server_config(
     key: &Path,
     ticketer: &Arc<crate::tls::tickets::PersistentTicketer>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_expiry(cert, key, ticketer).map(|(cfg, _)| cfg)
+}
+
+/// [`server_config`], and the leaf certificate's `notAfter` (Unix seconds)
+/// of the very chain it serves (reported as `tls_cert_not_after_ms`).
+pub fn server_config_with_expiry(
+    cert: &Path,
+    key: &Path,
+    ticketer: &Arc<crate::tls::tickets::PersistentTicketer>,
+) -> Result<(Arc<ServerConfig>, i64), TlsError> {
     let certs = load_certs(cert)?;
-    check_validity(cert, &certs[0])?;
+    let not_after = check_validity(cert, &certs[0])?;
     let private_key = load_key(key)?;
     let config_err = |source| TlsError::Config {
         cert: cert.to_owned(),
@@ -107,5 +118,5 @@ pub fn server_config(
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     crate::tls::tickets::install(&mut cfg, ticketer.clone());
     // Secret capture for the lean record layer (see lean::handshake).
-    Ok(crate::tls::handshake::prepare_config(cfg))
+    Ok((crate::tls::handshake::prepare_config(cfg), not_after))
 }
