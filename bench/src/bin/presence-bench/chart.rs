@@ -111,6 +111,9 @@ pub const GRACE: &str = "agents in grace (daemon)";
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// One measure of a density point (RSS or heap), in bytes.
+type PointValue = dyn Fn(&crate::report::DensityPoint) -> Option<f64>;
+
 /// A suffix that tells reports apart when more than one has the scenario.
 fn suffix(inputs: &[&Input], i: &Input) -> String {
     if inputs.len() > 1 {
@@ -133,8 +136,7 @@ pub fn density_data(inputs: &[Input]) -> DensityData {
             let base = d.points.iter().find(|p| p.agents == 0);
             let rss = |p: &crate::report::DensityPoint| Some(p.rss_bytes as f64);
             let heap = |p: &crate::report::DensityPoint| p.heap_bytes.map(|h| h as f64);
-            let mut kinds: Vec<(&str, &dyn Fn(&crate::report::DensityPoint) -> Option<f64>)> =
-                vec![("RSS", &rss)];
+            let mut kinds: Vec<(&str, &PointValue)> = vec![("RSS", &rss)];
             if d.points.iter().any(|p| p.heap_bytes.is_some()) {
                 kinds.push(("heap", &heap));
             }
@@ -265,6 +267,15 @@ fn colour(name: &str, index: usize) -> RGBColor {
         RGBColor(255, 127, 14),
         RGBColor(140, 86, 75),
     ];
+    // The storm panels' lines, and the heap next to its target's RSS.
+    match name {
+        BACK => return PALETTE[0],
+        SESSIONS => return PALETTE[4],
+        ONLINE => return PALETTE[1],
+        GRACE => return PALETTE[2],
+        _ if name.starts_with("presenced heap") => return RGBColor(120, 180, 225),
+        _ => {}
+    }
     let i = if name.starts_with("presenced") {
         0
     } else if name.starts_with("nats-server") {
@@ -303,6 +314,17 @@ fn span(values: impl Iterator<Item = f64>, floor_zero: bool) -> (f64, f64) {
     (lo, hi + (hi - lo) * 0.05)
 }
 
+/// An axis label: whole numbers without a fraction, small steps with one.
+fn number(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else if v.abs() < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn human_bytes(b: f64) -> String {
     if b >= 1024.0 * 1024.0 {
         format!("{:.0} MiB", b / MIB)
@@ -339,6 +361,8 @@ fn lines_panel(
     c.configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_label_formatter(&|v| number(*v))
+        .y_label_formatter(&|v| number(*v))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(draw_err(chart))?;
@@ -457,6 +481,7 @@ pub fn draw_density(path: &Path, d: &DensityData) -> Result<(), ChartError> {
         c.configure_mesh()
             .x_desc("agents")
             .y_desc("bytes per connection")
+            .x_label_formatter(&|v| number(*v))
             .y_label_formatter(&|v| human_bytes(*v))
             .light_line_style(WHITE.mix(0.0))
             .draw()
@@ -517,6 +542,7 @@ fn bars_panel(
         .disable_x_mesh()
         .x_labels(0)
         .y_desc("handshakes per second")
+        .y_label_formatter(&|v| number(*v))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(draw_err(CHART))?;
@@ -560,9 +586,12 @@ fn bars_panel(
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], col.filled()));
         c.draw_series(labels).map_err(draw_err(CHART))?;
     }
-    // Group names under the axis, centred under each group.
+    // Group names under the axis, centred under each group (the chart's
+    // coordinates are the backend's; the area's are relative to its corner).
+    let (bx, by) = area.get_base_pixel();
     for (gi, g) in groups.iter().enumerate() {
         let (px, py) = c.backend_coord(&(gi as f64 + 0.5, 0.0));
+        let (px, py) = (px - bx, py - by);
         area.draw(&Text::new(
             g.label.clone(),
             (px, py + 10),
@@ -906,5 +935,8 @@ mod tests {
         assert_eq!(span([2.0, 12.0].into_iter(), true), (0.0, 12.6));
         assert_eq!(human_bytes(512.0), "512 B");
         assert_eq!(human_bytes(35_000.0), "34 KiB");
+        assert_eq!(number(1200.0), "1200");
+        assert_eq!(number(0.25), "0.25");
+        assert_eq!(number(12.5), "12.5");
     }
 }

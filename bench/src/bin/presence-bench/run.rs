@@ -714,6 +714,9 @@ impl StatsSampler {
         let limit = every.max(Duration::from_millis(200));
         let thread = std::thread::spawn(move || {
             let mut out = Vec::new();
+            // The first tick is one interval in: the point at 0 is the
+            // `stats` read just before the storm.
+            std::thread::sleep(every.saturating_sub(t0.elapsed()));
             while !flag.load(Ordering::Relaxed) && out.len() < MAX_RECOVERY_SAMPLES {
                 let t = t0.elapsed();
                 // A daemon that is down (killed, restarting) gives None.
@@ -900,7 +903,18 @@ pub fn storm(a: StormArgs) -> Result<()> {
             sampler = StatsSampler::start(&p.control, storm_t0, a.recovery_interval);
             fleet.run(&pb, limit, |_| cmd.clone())?
         };
-        let daemon_samples = sampler.map(StatsSampler::finish).unwrap_or_default();
+        let daemon_samples: Vec<DaemonSample> = match sampler {
+            Some(smp) => {
+                let pre = DaemonSample {
+                    t: Duration::ZERO,
+                    sessions: stat(&before, "sessions"),
+                    agents_online: stat(&before, "agents_online"),
+                    agents_in_grace: stat(&before, "agents_in_grace"),
+                };
+                std::iter::once(pre).chain(smp.finish()).collect()
+            }
+            None => Vec::new(),
+        };
         let storm_wall = storm_t0.elapsed();
         pb.finish_and_clear();
         let storm_s = held.elapsed();
@@ -961,7 +975,7 @@ pub fn storm(a: StormArgs) -> Result<()> {
         back.sort_unstable();
         s.recovery = recovery_curve(&daemon_samples, &back, offset);
         s.recovery_interval_ms =
-            (!a.recovery_interval.is_zero()).then(|| a.recovery_interval.as_millis() as u64);
+            (!a.recovery_interval.is_zero()).then_some(a.recovery_interval.as_millis() as u64);
         if s.recovery.is_empty() && !a.recovery_interval.is_zero() {
             s.errors.push(format!(
                 "no recovery samples in {:.1} s",
@@ -1299,6 +1313,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let got = s.finish();
         assert!(!got.is_empty());
+        assert!(
+            got[0].t >= Duration::from_millis(10),
+            "first tick one interval in"
+        );
         assert!(got.iter().all(|d| d.sessions.is_none()));
         assert!(got.windows(2).all(|w| w[0].t < w[1].t));
     }
