@@ -345,15 +345,21 @@ fn lines_panel(
     y_desc: &str,
     series: &[Series],
     floor_zero: bool,
+    legend_at: Legend,
 ) -> Result<(), ChartError> {
     let (x0, x1) = span(series.iter().flat_map(|s| s.values().map(|p| p.0)), true);
     let (y0, y1) = span(
         series.iter().flat_map(|s| s.values().map(|p| p.1)),
         floor_zero,
     );
+    let right = match legend_at {
+        Legend::Inside(_) => 12,
+        Legend::Outside => 230,
+    };
     let mut c = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(12)
+        .margin_right(right)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(x0..x1, y0..y1)
@@ -367,7 +373,40 @@ fn lines_panel(
         .draw()
         .map_err(draw_err(chart))?;
     draw_lines(&mut c, chart, series)?;
-    legend(&mut c, chart, SeriesLabelPosition::LowerRight)
+    match legend_at {
+        Legend::Inside(p) => legend(&mut c, chart, p),
+        // Right of the plot, in the margin kept for it, drawn on the area
+        // (plotters' own legend is cut off outside the plot).
+        Legend::Outside => {
+            let (ax, ay) = area.get_base_pixel();
+            let (px, py) = c.plotting_area().get_base_pixel();
+            let (w, _) = c.plotting_area().dim_in_pixel();
+            let x = px - ax + i32::try_from(w).unwrap_or(0) + 16;
+            for (i, s) in series.iter().enumerate() {
+                let y = py - ay + 8 + 20 * i32::try_from(i).unwrap_or(0);
+                let style = ShapeStyle::from(colour(&s.name, i)).stroke_width(2);
+                area.draw(&PathElement::new(vec![(x, y), (x + 22, y)], style))
+                    .map_err(draw_err(chart))?;
+                area.draw(&Text::new(
+                    s.name.clone(),
+                    (x + 28, y),
+                    ("sans-serif", 13)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
+                ))
+                .map_err(draw_err(chart))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Where a line chart's legend goes.
+enum Legend {
+    Inside(SeriesLabelPosition),
+    /// In a margin right of the plot, so it covers no line.
+    Outside,
 }
 
 fn draw_lines<'a, X, Y>(
@@ -454,6 +493,7 @@ pub fn draw_density(path: &Path, d: &DensityData) -> Result<(), ChartError> {
             "MiB",
             &d.memory_mib,
             true,
+            Legend::Inside(SeriesLabelPosition::UpperLeft),
         )?;
         let per = &d.per_conn_bytes;
         let (x0, x1) = span(per.iter().flat_map(|s| s.values().map(|p| p.0)), true);
@@ -487,7 +527,7 @@ pub fn draw_density(path: &Path, d: &DensityData) -> Result<(), ChartError> {
             .draw()
             .map_err(draw_err(CHART))?;
         draw_lines(&mut c, CHART, per)?;
-        legend(&mut c, CHART, SeriesLabelPosition::UpperRight)
+        legend(&mut c, CHART, SeriesLabelPosition::LowerLeft)
     })
 }
 
@@ -623,6 +663,7 @@ pub fn draw_storm(path: &Path, panels: &[StormPanel]) -> Result<(), ChartError> 
                     "agents / sessions",
                     &p.series,
                     true,
+                    Legend::Outside,
                 )?;
             }
             Ok(())

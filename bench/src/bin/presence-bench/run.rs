@@ -911,7 +911,16 @@ pub fn storm(a: StormArgs) -> Result<()> {
                     agents_online: stat(&before, "agents_online"),
                     agents_in_grace: stat(&before, "agents_in_grace"),
                 };
-                std::iter::once(pre).chain(smp.finish()).collect()
+                let mut v: Vec<DaemonSample> = std::iter::once(pre).chain(smp.finish()).collect();
+                // One more at the end, so the curve reaches the last agent back.
+                let end = p.stats().ok();
+                v.push(DaemonSample {
+                    t: storm_t0.elapsed(),
+                    sessions: stat(&end, "sessions"),
+                    agents_online: stat(&end, "agents_online"),
+                    agents_in_grace: stat(&end, "agents_in_grace"),
+                });
+                v
             }
             None => Vec::new(),
         };
