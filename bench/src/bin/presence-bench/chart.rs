@@ -344,14 +344,10 @@ fn lines_panel(
     x_desc: &str,
     y_desc: &str,
     series: &[Series],
-    floor_zero: bool,
     legend_at: Legend,
 ) -> Result<(), ChartError> {
     let (x0, x1) = span(series.iter().flat_map(|s| s.values().map(|p| p.0)), true);
-    let (y0, y1) = span(
-        series.iter().flat_map(|s| s.values().map(|p| p.1)),
-        floor_zero,
-    );
+    let (y0, y1) = span(series.iter().flat_map(|s| s.values().map(|p| p.1)), true);
     let right = match legend_at {
         Legend::Inside(_) => 12,
         Legend::Outside => 230,
@@ -492,7 +488,6 @@ pub fn draw_density(path: &Path, d: &DensityData) -> Result<(), ChartError> {
             "agents",
             "MiB",
             &d.memory_mib,
-            true,
             Legend::Inside(SeriesLabelPosition::UpperLeft),
         )?;
         let per = &d.per_conn_bytes;
@@ -662,7 +657,6 @@ pub fn draw_storm(path: &Path, panels: &[StormPanel]) -> Result<(), ChartError> 
                     "seconds since the storm started",
                     "agents / sessions",
                     &p.series,
-                    true,
                     Legend::Outside,
                 )?;
             }
@@ -808,7 +802,8 @@ mod tests {
         assert_eq!(d.memory_mib[2].points.len(), 2);
         // Per connection: growth above the 0 point ÷ agents; the heap's
         // negative growth at 1000 is left out.
-        let per: Vec<(&str, Vec<(f64, Option<f64>)>)> = d
+        type Points = Vec<(f64, Option<f64>)>;
+        let per: Vec<(&str, Points)> = d
             .per_conn_bytes
             .iter()
             .map(|s| (s.name.as_str(), s.points.clone()))
