@@ -136,6 +136,18 @@ fn assert_storm_clean(r: &Value, mode: &str) {
     );
     assert_eq!(u(t, "/storm/offline_events"), 0, "no false offline: {t:#}");
     assert_eq!(u(t, "/storm/agents_online_after"), 200, "{t:#}");
+    // The recovery curve: from the stats read before the storm to everyone back.
+    let curve = t["storm"]["recovery"].as_array().expect("recovery curve");
+    assert!(curve.len() >= 2, "{t:#}");
+    assert_eq!(curve[0]["t_s"].as_f64(), Some(0.0), "{t:#}");
+    assert_eq!(curve[0]["back"].as_u64(), Some(0), "{t:#}");
+    assert_eq!(curve.last().unwrap()["back"].as_u64(), Some(200), "{t:#}");
+    assert!(
+        curve
+            .windows(2)
+            .all(|w| w[0]["t_s"].as_f64() <= w[1]["t_s"].as_f64()),
+        "{t:#}"
+    );
 }
 
 #[test]

@@ -38,6 +38,7 @@ fn help_lists_the_scenarios_but_not_the_worker() {
         "--undisturbed-interval",
         "--resumption",
         "--legacy-config",
+        "--recovery-interval",
     ] {
         assert!(text.contains(opt), "{opt} missing from:\n{text}");
     }
@@ -73,6 +74,11 @@ fn argument_errors_are_reported_before_anything_starts() {
             "--drop-share",
         ),
         (&["upgrade", "--interval", "0s"], "--interval"),
+        (
+            &["storm", "--recovery-interval", "5ms"],
+            "--recovery-interval",
+        ),
+        (&["report"], "required"),
         (
             &["upgrade", "--binary", "/nonexistent/presenced"],
             "no such file",

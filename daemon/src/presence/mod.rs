@@ -3,4 +3,5 @@
 
 pub mod events;
 pub mod guard;
+pub mod owner;
 pub mod table;

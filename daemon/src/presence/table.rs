@@ -32,14 +32,7 @@ fn ds_since(origin: Instant, t: Instant) -> u32 {
     ms.div_ceil(100).min(u32::MAX as u128) as u32
 }
 
-/// Which shard owns the presence record of `id`: FNV-1a of the id, modulo
-/// the shard count. Stable across builds (it must agree across an upgrade).
-pub fn owner_shard(id: &[u8], shards: usize) -> usize {
-    use std::hash::Hasher;
-    let mut h = fnv::FnvHasher::default();
-    h.write(id);
-    (h.finish() % shards as u64) as usize
-}
+pub use crate::presence::owner::owner_shard;
 
 /// Where a session's connection lives: shard, slab key and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

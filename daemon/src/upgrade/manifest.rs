@@ -47,7 +47,7 @@ pub mod suite {
 // A record lives on `owner_shard(id, shards)`: this is why the new process
 // must run exactly as many shards as listeners were handed over; with
 // another count, every record would live on the wrong shard.
-use crate::presence::table::owner_shard;
+use crate::presence::owner::owner_shard;
 
 /// A check on handed-over data failed.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use super::machine::*;
 use super::manifest::*;
 use super::spawn;
 use super::wire;
-use crate::presence::table::owner_shard;
+use crate::presence::owner::owner_shard;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

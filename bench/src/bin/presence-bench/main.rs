@@ -7,6 +7,7 @@
 //! figures come from the server: presenced's control socket (`stats`,
 //! `events`), /proc/PID/status for the peers, /proc/slabinfo for the kernel.
 
+mod chart;
 mod fleet;
 mod kernel;
 mod link;
@@ -52,10 +53,16 @@ enum Scenario {
     /// heartbeat gap across the switch and the daemon's upgrade report
     /// (presenced only).
     Upgrade(UpgradeArgs),
-    /// Print the tables of a report saved with --json (a file, or - for stdin).
+    /// Print the tables of reports saved with --json (files, or - for
+    /// stdin), or with --svg draw charts of them.
     Report {
-        /// The saved JSON report.
-        file: PathBuf,
+        /// The saved JSON reports.
+        #[arg(required = true, num_args = 1..)]
+        file: Vec<PathBuf>,
+        /// Write density.svg, handshakes.svg and storm.svg into DIR (each
+        /// from the reports that have its data) instead of printing tables.
+        #[arg(long, value_name = "DIR")]
+        svg: Option<PathBuf>,
     },
     /// Internal: one worker process (spawned by the coordinator).
     #[command(hide = true)]
@@ -220,6 +227,11 @@ pub struct StormArgs {
     /// keep their connection and keep heartbeating.
     #[arg(long, default_value_t = 1.0, value_name = "SHARE")]
     pub drop_share: f64,
+    /// Sample the recovery curve this often during the storm (agents back,
+    /// and the daemon's sessions / agents online / in grace from `stats`);
+    /// 0 = no curve.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub recovery_interval: Duration,
     #[command(flatten)]
     pub undisturbed: UndisturbedArgs,
     #[command(flatten)]
@@ -307,7 +319,7 @@ pub fn parse_source_ips(text: &str) -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
-fn render_saved(file: &std::path::Path) -> Result<()> {
+fn read_saved(file: &std::path::Path) -> Result<chart::Input> {
     let text = if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading stdin")?
     } else {
@@ -315,7 +327,44 @@ fn render_saved(file: &std::path::Path) -> Result<()> {
     };
     let report: report::Report = serde_json::from_str(text.trim())
         .with_context(|| format!("{} is not a presence-bench --json report", file.display()))?;
-    print!("{}", report.render());
+    let label = if file.as_os_str() == "-" {
+        "stdin".to_owned()
+    } else {
+        file.file_stem().map_or_else(
+            || file.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        )
+    };
+    Ok(chart::Input { label, report })
+}
+
+fn render_saved(files: &[PathBuf], svg: Option<&std::path::Path>) -> Result<()> {
+    if files.iter().filter(|f| f.as_os_str() == "-").count() > 1 {
+        bail!("stdin (-) can be given once");
+    }
+    let inputs = files
+        .iter()
+        .map(|f| read_saved(f))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(dir) = svg else {
+        for (i, input) in inputs.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print!("{}", input.report.render());
+        }
+        return Ok(());
+    };
+    let written = chart::write_all(dir, &inputs)?;
+    for s in &written.skipped {
+        eprintln!("presence-bench: skipped {s}");
+    }
+    if written.files.is_empty() {
+        bail!("no chart has data in these reports (density, ramp/steady, or storm with a recovery curve)");
+    }
+    for (path, series) in &written.files {
+        println!("wrote {} ({})", path.display(), series.join(", "));
+    }
     Ok(())
 }
 
@@ -328,7 +377,7 @@ fn main() -> ExitCode {
         Scenario::Storm(a) => run::storm(a),
         Scenario::Density(a) => run::density(a),
         Scenario::Upgrade(a) => run::upgrade(a),
-        Scenario::Report { file } => render_saved(&file),
+        Scenario::Report { file, svg } => render_saved(&file, svg.as_deref()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

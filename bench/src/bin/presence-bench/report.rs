@@ -142,6 +142,30 @@ pub struct StormResult {
     pub offline_events: u64,
     pub agents_online_after: Option<u64>,
     pub errors: Vec<String>,
+    /// The recovery curve, one sample every `recovery_interval_ms` from the
+    /// storm's start (the drop, or the SIGKILL) until the last agent is
+    /// back or the deadline (empty with `--recovery-interval 0`).
+    #[serde(default)]
+    pub recovery: Vec<RecoverySample>,
+    /// Sampling interval of `recovery` (ms).
+    #[serde(default)]
+    pub recovery_interval_ms: Option<u64>,
+}
+
+/// One point of a storm's recovery curve.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoverySample {
+    /// Seconds since the storm started.
+    pub t_s: f64,
+    /// Dropped agents back (their own WELCOME came back) by then, as the
+    /// bench saw it.
+    pub back: u64,
+    /// The daemon's `sessions`, `agents_online` and `agents_in_grace` at
+    /// that moment (None while it was down or did not answer within the
+    /// interval).
+    pub sessions: Option<u64>,
+    pub agents_online: Option<u64>,
+    pub agents_in_grace: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

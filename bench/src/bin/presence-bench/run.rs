@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,8 +15,8 @@ use serde_json::{json, Value};
 use crate::fleet::{ip_slice, share, Fleet};
 use crate::kernel::{self, Slab};
 use crate::report::{
-    round3, ConnectResult, DensityPoint, DensityResult, HeartbeatResult, Pct, Report, StormResult,
-    TargetResult, UpgradeResult,
+    round3, ConnectResult, DensityPoint, DensityResult, HeartbeatResult, Pct, RecoverySample,
+    Report, StormResult, TargetResult, UpgradeResult,
 };
 use crate::servers::{self, Mem, Peer, Presenced, SpawnOpts};
 use crate::wire::{merge_into, new_hist, BackoffSpec, Cmd, Msg, TargetKind, WorkerInit};
@@ -678,7 +680,114 @@ fn rank(sorted: &[u32], q: f64) -> Option<u64> {
     Some(u64::from(sorted[idx]))
 }
 
+/// Shortest `--recovery-interval`.
+const MIN_RECOVERY_INTERVAL: Duration = Duration::from_millis(10);
+/// Most recovery samples one storm keeps.
+const MAX_RECOVERY_SAMPLES: usize = 20_000;
+
+/// The daemon's side of a storm's recovery curve, read from `stats`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DaemonSample {
+    /// Since the storm started.
+    t: Duration,
+    sessions: Option<u64>,
+    agents_online: Option<u64>,
+    agents_in_grace: Option<u64>,
+}
+
+/// Polls `stats` every interval on its own thread until finished (or
+/// dropped), at most [`MAX_RECOVERY_SAMPLES`] times.
+struct StatsSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<DaemonSample>>>,
+}
+
+impl StatsSampler {
+    /// None when `every` is zero (no curve).
+    fn start(control: &Path, t0: Instant, every: Duration) -> Option<StatsSampler> {
+        if every.is_zero() {
+            return None;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let control = control.to_owned();
+        let limit = every.max(Duration::from_millis(200));
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            // The first tick is one interval in: the point at 0 is the
+            // `stats` read just before the storm.
+            std::thread::sleep(every.saturating_sub(t0.elapsed()));
+            while !flag.load(Ordering::Relaxed) && out.len() < MAX_RECOVERY_SAMPLES {
+                let t = t0.elapsed();
+                // A daemon that is down (killed, restarting) gives None.
+                let st = servers::control_within(&control, "stats", limit)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<Value>(text.trim()).ok());
+                let get = |k: &str| st.as_ref().and_then(|v| v.get(k)).and_then(Value::as_u64);
+                out.push(DaemonSample {
+                    t,
+                    sessions: get("sessions"),
+                    agents_online: get("agents_online"),
+                    agents_in_grace: get("agents_in_grace"),
+                });
+                // The next tick after now (a slow reply skips ticks).
+                let now = t0.elapsed().as_nanos();
+                let ticks = now / every.as_nanos() + 1;
+                let next = Duration::from_nanos(
+                    u64::try_from(ticks * every.as_nanos()).unwrap_or(u64::MAX),
+                );
+                std::thread::sleep(next.saturating_sub(t0.elapsed()));
+            }
+            out
+        });
+        Some(StatsSampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn finish(mut self) -> Vec<DaemonSample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for StatsSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The recovery curve: each daemon sample with the number of agents back
+/// by then. `back_ms` is sorted and counts from the workers' start, which
+/// is `offset` after the storm's.
+fn recovery_curve(
+    samples: &[DaemonSample],
+    back_ms: &[u32],
+    offset: Duration,
+) -> Vec<RecoverySample> {
+    samples
+        .iter()
+        .map(|d| {
+            let since_workers = d.t.saturating_sub(offset).as_millis();
+            RecoverySample {
+                t_s: round3(d.t.as_secs_f64()),
+                back: back_ms.partition_point(|&b| u128::from(b) <= since_workers) as u64,
+                sessions: d.sessions,
+                agents_online: d.agents_online,
+                agents_in_grace: d.agents_in_grace,
+            }
+        })
+        .collect()
+}
+
 pub fn storm(a: StormArgs) -> Result<()> {
+    if !a.recovery_interval.is_zero() && a.recovery_interval < MIN_RECOVERY_INTERVAL {
+        bail!("--recovery-interval must be 0 or at least {MIN_RECOVERY_INTERVAL:?}");
+    }
     let mut env = Env::new(a.common, a.agents)?;
     if !env.common.peers.is_empty() {
         env.notes.push(
@@ -750,10 +859,19 @@ pub fn storm(a: StormArgs) -> Result<()> {
         // below `seq` are from before the storm and dropped, and the
         // first subscription's duplicates are dropped by seq.
         let mut numbering_continued = false;
+        // The recovery curve's clock starts at the drop (or the SIGKILL);
+        // the workers' own clocks (`back_ms`) start when they get the
+        // storm command, `offset` later.
+        let sampler;
+        let storm_t0;
+        let offset;
         let replies = if a.kill_daemon {
             std::thread::sleep(a.kill_after);
             let t0 = Instant::now();
+            storm_t0 = t0;
+            sampler = StatsSampler::start(&p.control, t0, a.recovery_interval);
             p.kill9()?;
+            offset = t0.elapsed();
             // The dead sockets are forgotten and redialled with backoff
             // while the daemon restarts.
             let (tx, rx) = std::sync::mpsc::channel();
@@ -780,8 +898,33 @@ pub fn storm(a: StormArgs) -> Result<()> {
             });
             started?
         } else {
+            storm_t0 = Instant::now();
+            offset = Duration::ZERO;
+            sampler = StatsSampler::start(&p.control, storm_t0, a.recovery_interval);
             fleet.run(&pb, limit, |_| cmd.clone())?
         };
+        let daemon_samples: Vec<DaemonSample> = match sampler {
+            Some(smp) => {
+                let pre = DaemonSample {
+                    t: Duration::ZERO,
+                    sessions: stat(&before, "sessions"),
+                    agents_online: stat(&before, "agents_online"),
+                    agents_in_grace: stat(&before, "agents_in_grace"),
+                };
+                let mut v: Vec<DaemonSample> = std::iter::once(pre).chain(smp.finish()).collect();
+                // One more at the end, so the curve reaches the last agent back.
+                let end = p.stats().ok();
+                v.push(DaemonSample {
+                    t: storm_t0.elapsed(),
+                    sessions: stat(&end, "sessions"),
+                    agents_online: stat(&end, "agents_online"),
+                    agents_in_grace: stat(&end, "agents_in_grace"),
+                });
+                v
+            }
+            None => Vec::new(),
+        };
+        let storm_wall = storm_t0.elapsed();
         pb.finish_and_clear();
         let storm_s = held.elapsed();
         let undisturbed = match group.as_mut() {
@@ -839,6 +982,15 @@ pub fn storm(a: StormArgs) -> Result<()> {
             }
         }
         back.sort_unstable();
+        s.recovery = recovery_curve(&daemon_samples, &back, offset);
+        s.recovery_interval_ms =
+            (!a.recovery_interval.is_zero()).then_some(a.recovery_interval.as_millis() as u64);
+        if s.recovery.is_empty() && !a.recovery_interval.is_zero() {
+            s.errors.push(format!(
+                "no recovery samples in {:.1} s",
+                storm_wall.as_secs_f64()
+            ));
+        }
         s.back = back.len() as u64;
         s.t50_ms = rank(&back, 0.5);
         s.t90_ms = rank(&back, 0.9);
@@ -1115,4 +1267,66 @@ pub fn density(a: DensityArgs) -> Result<()> {
         targets,
     );
     env.print(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(ms: u64, sessions: Option<u64>) -> DaemonSample {
+        DaemonSample {
+            t: Duration::from_millis(ms),
+            sessions,
+            agents_online: sessions.map(|_| 10),
+            agents_in_grace: sessions.map(|s| 10 - s),
+        }
+    }
+
+    #[test]
+    fn recovery_curve_counts_agents_back_by_each_sample() {
+        let back = [50, 120, 120, 250, 900];
+        let samples = [
+            sample(0, Some(10)),
+            sample(100, None),
+            sample(200, Some(2)),
+            sample(300, Some(4)),
+            sample(1000, Some(5)),
+        ];
+        // Workers started 30 ms after the storm: 120 ms on their clock is 150 ms.
+        let c = recovery_curve(&samples, &back, Duration::from_millis(30));
+        let backs: Vec<u64> = c.iter().map(|r| r.back).collect();
+        assert_eq!(backs, [0, 1, 3, 4, 5]);
+        assert_eq!(c[1].t_s, 0.1);
+        assert_eq!(c[1].sessions, None);
+        assert_eq!(c[2].agents_in_grace, Some(8));
+        assert!(recovery_curve(&[], &back, Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn sampler_without_an_interval_does_not_start() {
+        assert!(
+            StatsSampler::start(Path::new("/nonexistent"), Instant::now(), Duration::ZERO)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn sampler_records_a_down_daemon_as_none() {
+        let t0 = Instant::now();
+        let s = StatsSampler::start(
+            Path::new("/nonexistent/control.sock"),
+            t0,
+            Duration::from_millis(10),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        let got = s.finish();
+        assert!(!got.is_empty());
+        assert!(
+            got[0].t >= Duration::from_millis(10),
+            "first tick one interval in"
+        );
+        assert!(got.iter().all(|d| d.sessions.is_none()));
+        assert!(got.windows(2).all(|w| w[0].t < w[1].t));
+    }
 }
