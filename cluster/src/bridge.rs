@@ -938,6 +938,9 @@ struct Bridge {
     next_maint: Instant,
     backoff_until: Option<Instant>,
     had_failure: bool,
+    /// When a NATS operation last failed (offline writes wait until NATS
+    /// has been healthy for a while: see `dispatch`).
+    last_failure: Option<Instant>,
     obs: Observations,
     full_logged: Option<Instant>,
     full_since_log: u64,
@@ -971,6 +974,7 @@ impl Bridge {
             next_maint: now,
             backoff_until: None,
             had_failure: false,
+            last_failure: None,
             obs: Observations::default(),
             full_logged: None,
             full_since_log: 0,
@@ -1136,6 +1140,18 @@ impl Bridge {
             }
             self.backoff_until = None;
         }
+        // After NATS was unreachable, every node's queued intents land at
+        // once, in no particular order across nodes. An agent that moved
+        // A -> B during the outage has A's offline and B's online queued on
+        // two nodes; written in that order they would be a false offline and
+        // an online. So offlines wait until NATS has been healthy for
+        // `settle` (long enough for every node to reconnect and write its
+        // onlines): B's newer session is then stored and A's offline is
+        // dropped, as for a move without an outage.
+        let settle = self.cfg.node_heartbeat * 3 + Duration::from_secs(2);
+        let stopping = lock(&self.shared.stop_deadline).is_some();
+        let hold_offlines = !stopping && self.last_failure.is_some_and(|t| t.elapsed() < settle);
+        let mut held = Vec::new();
         while self.inflight < MAX_INFLIGHT {
             let Some(enc) = self.ready.pop_front() else {
                 break;
@@ -1143,6 +1159,10 @@ impl Bridge {
             let Some(slot) = self.slots.get_mut(&enc) else {
                 continue;
             };
+            if hold_offlines && !slot.busy && matches!(slot.pending, Some(Intent::Offline { .. })) {
+                held.push(enc);
+                continue;
+            }
             slot.in_ready = false;
             if slot.busy {
                 continue;
@@ -1159,6 +1179,9 @@ impl Bridge {
             self.tasks
                 .push(fut.map(move |outcome| Done::Op { enc, outcome }).boxed());
         }
+        // Still in the ready queue (`in_ready` stays set): tried again on
+        // the next tick.
+        self.ready.extend(held);
     }
 
     fn finish(&mut self, done: Done) {
@@ -1273,6 +1296,7 @@ impl Bridge {
     fn note_failure(&mut self, error: String) {
         self.shared.error(error.clone());
         self.had_failure = true;
+        self.last_failure = Some(Instant::now());
         self.backoff_until = Some(Instant::now() + RETRY_BACKOFF);
         let now = Instant::now();
         if self
@@ -1534,7 +1558,14 @@ struct Observations {
 }
 
 async fn maint(ctx: Arc<Ctx>, mut obs: Observations) -> Done {
-    let result = maint_inner(&ctx, &mut obs).await;
+    // Bounded: a heartbeat whose ack never comes (NATS restarting) must not
+    // keep this node from heartbeating for a whole request timeout, or the
+    // others would judge it lost while it is fine.
+    let limit = (ctx.cfg.node_heartbeat * 2).max(Duration::from_secs(1));
+    let result = match tokio::time::timeout(limit, maint_inner(&ctx, &mut obs)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("node heartbeat: no answer within {limit:?}")),
+    };
     Done::Maint { obs, result }
 }
 

@@ -28,8 +28,15 @@ enum Want {
 fn nats_outage_while_agents_come_and_go() {
     init_tracing();
     let mut nats = NatsServer::start().unwrap();
-    let a = start("node-a", 1, vec![nats.url()]);
-    let b = start("node-b", 1, vec![nats.url()]);
+    // node_lost_after 6 s: shorter than the 8 s outage (so the observers'
+    // own-outage reset is what keeps them from sweeping each other), and long
+    // enough for both nodes to reconnect and refresh their entries after it.
+    let lost_after = |node| ClusterConfig {
+        node_lost_after: Duration::from_secs(6),
+        ..cfg(node, vec![nats.url()])
+    };
+    let a = start_cfg(lost_after("node-a"), 1, None);
+    let b = start_cfg(lost_after("node-b"), 1, None);
     let insp = Inspector::new(vec![nats.url()]);
     let ids: Vec<Vec<u8>> = (0..130).map(agent).collect();
     let mut want: HashMap<usize, Want> = HashMap::new();
@@ -184,10 +191,16 @@ fn full_intent_map_is_reconciled() {
     });
     assert_eq!(a.stats().backlog, 10);
     nats.restart().unwrap();
+    // Reconciliation runs in passes (each one bounded by the map): wait
+    // until the KV matches the node, not merely until the map is empty.
+    wait_for("the KV to match the node", IDLE, || {
+        insp.get(&x).is_some_and(|v| v.state == "offline")
+            && insp
+                .get_many(&ids)
+                .iter()
+                .all(|v| v.as_ref().is_some_and(|v| v.state == "online"))
+    });
     idle(&[&a], IDLE);
-    for v in insp.get_many(&ids) {
-        assert_eq!(v.unwrap().state, "online");
-    }
     let vx = insp.get(&x).unwrap();
     assert_eq!(
         (vx.state.as_str(), vx.reason.as_str()),
