@@ -222,7 +222,11 @@ pub struct NotAuthorized {
 /// Who may do what: read-only verbs are open to any peer that could
 /// connect; privileged ones need `peer_uid` to be `daemon_uid` or 0. An
 /// unknown peer (no SO_PEERCRED) gets read-only verbs only.
-pub fn authorize(req: &Request, peer_uid: Option<u32>, daemon_uid: u32) -> Result<(), NotAuthorized> {
+pub fn authorize(
+    req: &Request,
+    peer_uid: Option<u32>,
+    daemon_uid: u32,
+) -> Result<(), NotAuthorized> {
     match peer_uid {
         _ if !req.is_privileged() => Ok(()),
         Some(uid) if uid == 0 || uid == daemon_uid => Ok(()),
@@ -622,15 +626,32 @@ mod tests {
     fn only_the_owner_or_root_changes_the_daemon() {
         let owner = 998;
         let member = Some(1234);
-        for line in ["stats", "agent a-1", "events", "events from 3", "ping", "metrics", "guard"] {
+        for line in [
+            "stats",
+            "agent a-1",
+            "events",
+            "events from 3",
+            "ping",
+            "metrics",
+            "guard",
+        ] {
             let req = parse_request(line).unwrap();
             assert_eq!(authorize(&req, member, owner), Ok(()), "{line}");
             assert_eq!(authorize(&req, None, owner), Ok(()), "{line}");
         }
-        for line in ["upgrade", "upgrade /usr/bin/presenced", "reload", "guard release", "guard release a-1"] {
+        for line in [
+            "upgrade",
+            "upgrade /usr/bin/presenced",
+            "reload",
+            "guard release",
+            "guard release a-1",
+        ] {
             let req = parse_request(line).unwrap();
             let e = authorize(&req, member, owner).unwrap_err();
-            assert!(e.to_string().contains("requires the daemon's user or root"), "{e}");
+            assert!(
+                e.to_string().contains("requires the daemon's user or root"),
+                "{e}"
+            );
             assert!(authorize(&req, None, owner).is_err(), "{line}");
             assert_eq!(authorize(&req, Some(owner), owner), Ok(()), "{line}");
             assert_eq!(authorize(&req, Some(0), owner), Ok(()), "{line}");

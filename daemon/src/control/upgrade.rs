@@ -124,7 +124,11 @@ pub enum BinaryError {
     #[error("binary `{0}`: not a regular file")]
     NotRegular(PathBuf),
     #[error("binary `{path}`: owned by uid {uid}; it must be owned by root or the daemon's user (uid {daemon})")]
-    Owner { path: PathBuf, uid: u32, daemon: u32 },
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        daemon: u32,
+    },
     #[error("binary `{path}`: mode {mode:04o} is writable by group or other")]
     Writable { path: PathBuf, mode: u32 },
 }
@@ -188,7 +192,8 @@ pub fn lock(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(io)?;
-    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
         Ok(f) => f,
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut holder = String::new();

@@ -513,8 +513,16 @@ fn failure_after_commit_never_resumes() {
     assert!(tr.is_err());
     // Neither thawed nor MAINPID=<old> (resume_all), nor the target killed:
     // released like a finished hand-over.
-    assert!(src.resumed.is_none(), "resumed after commit: {:?}", src.calls);
-    assert!(!src.calls.iter().any(|c| c == "stop_target"), "{:?}", src.calls);
+    assert!(
+        src.resumed.is_none(),
+        "resumed after commit: {:?}",
+        src.calls
+    );
+    assert!(
+        !src.calls.iter().any(|c| c == "stop_target"),
+        "{:?}",
+        src.calls
+    );
     assert!(src.finished);
 }
 
