@@ -1,5 +1,5 @@
 //! Hardening (issue 13, items 1 and 2): one upgrade at a time (also across
-//! processes, via the flock on `state/upgrade.lock`), SIGTERM during a
+//! processes, via the flock on `upgrade.lock` next to the control socket), SIGTERM during a
 //! hand-over, which binaries `upgrade <path>` accepts, and which verbs a
 //! `control_group` member may use.
 
@@ -66,7 +66,7 @@ fn a_second_upgrade_while_one_is_in_flight_is_refused() {
 #[test]
 fn an_upgrade_lock_held_by_another_process_refuses_upgrade() {
     let d = Daemon::start();
-    let path = d.dir.path().join("state/upgrade.lock");
+    let path = d.dir.path().join("upgrade.lock");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

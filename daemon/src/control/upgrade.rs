@@ -13,7 +13,8 @@
 //!
 //! **One hand-over at a time.** A request while one is in flight in this
 //! process is refused at once (`Runtime::upgrading`); across processes the
-//! source holds an exclusive `flock` on `<state.dir>/upgrade.lock` from
+//! source holds an exclusive `flock` on `upgrade.lock` next to the control
+//! socket (see [`lock_dir`]) from
 //! before the new binary starts until this process exits (after a
 //! successful hand-over) or the hand-over failed and resumed. The new
 //! process therefore cannot start a hand-over of its own until the old one
@@ -108,7 +109,7 @@ pub enum CommandError {
     NoEventLog,
 }
 
-/// The lock file that makes hand-overs exclusive, in `state.dir`.
+/// The lock file that makes hand-overs exclusive, next to the control socket.
 pub const LOCK_FILE: &str = "upgrade.lock";
 
 /// Why `upgrade <path>` refuses a binary.
@@ -170,6 +171,16 @@ pub fn check_binary(path: &Path, daemon_uid: u32) -> Result<PathBuf, BinaryError
 #[derive(Debug)]
 pub struct UpgradeLock {
     _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Where the lock lives: next to the control socket (the runtime
+/// directory, `/run/presenced` under systemd), which the daemon could
+/// create its socket in, so it is usable whenever the daemon runs.
+pub fn lock_dir(control_socket: &Path) -> PathBuf {
+    match control_socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// The lock of a committed hand-over, held until this process exits.
@@ -388,7 +399,7 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
             holder: format!("in this process, pid {}", std::process::id()),
         });
     }
-    let report = match lock(&shard.rt.config.state.dir) {
+    let report = match lock(&lock_dir(&shard.rt.config.server.control_socket)) {
         Ok(held) => {
             let report = upgrade_locked(shard, binary, started).await;
             if report.ok || report.committed {
