@@ -18,7 +18,7 @@
 //! before the new binary starts until this process exits (after a
 //! successful hand-over) or the hand-over failed and resumed. The new
 //! process therefore cannot start a hand-over of its own until the old one
-//! is gone; a crash releases the lock with the process.
+//! is gone (it waits up to [`LOCK_WAIT`] for that, then refuses); a crash releases the lock with the process.
 //!
 //! **Which binary.** `upgrade <path>` needs an absolute path to a regular
 //! file owned by root or the daemon's user and writable by neither group nor
@@ -221,6 +221,23 @@ pub fn lock(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
     Ok(UpgradeLock { _file: file })
 }
 
+/// How long `upgrade` waits for a lock held by another process: enough
+/// for the previous process to exit right after handing over to this one.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`lock`], retried while another process holds it, for up to [`LOCK_WAIT`].
+async fn lock_waiting(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match lock(dir) {
+            Err(UpgradeFailure::Busy { .. }) if std::time::Instant::now() < give_up => {
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Why a hand-over did not happen (the report's `error`).
 #[derive(Debug, Error)]
 pub enum UpgradeFailure {
@@ -399,7 +416,7 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
             holder: format!("in this process, pid {}", std::process::id()),
         });
     }
-    let report = match lock(&lock_dir(&shard.rt.config.server.control_socket)) {
+    let report = match lock_waiting(&lock_dir(&shard.rt.config.server.control_socket)).await {
         Ok(held) => {
             let report = upgrade_locked(shard, binary, started).await;
             if report.ok || report.committed {
