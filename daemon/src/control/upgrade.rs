@@ -215,9 +215,12 @@ pub fn lock(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
         }
         Err((_, e)) => return Err(io(e.into())),
     };
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    write!(file, "{}", std::process::id()).map_err(io)?;
+    // The holder's pid, for the error others get. Best effort: the flock is
+    // what excludes, and a full disk must not block an upgrade.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| write!(file, "{}", std::process::id()));
     Ok(UpgradeLock { _file: file })
 }
 
