@@ -47,6 +47,9 @@ pub struct Runtime {
     /// A live upgrade committed: the control socket path belongs to the new
     /// process now, whatever the file there looks like.
     pub handed_over: AtomicBool,
+    /// A live upgrade is in flight (from the lock to its outcome): shutdown
+    /// waits for it, so no socket is closed while its fd is being sent.
+    pub upgrading: AtomicBool,
     /// Raised by SIGHUP; the event shard reloads and lowers it.
     pub reload_requested: Arc<AtomicBool>,
     pub started: Instant,
@@ -90,6 +93,7 @@ impl Runtime {
             shutdown,
             reload_requested,
             handed_over: AtomicBool::new(false),
+            upgrading: AtomicBool::new(false),
             started: Instant::now(),
             shards_ready: AtomicUsize::new(0),
             reload: Mutex::new(ReloadStatus::default()),

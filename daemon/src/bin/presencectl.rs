@@ -233,9 +233,12 @@ fn upgrade(socket: &Path, binary: Option<&Path>, json: bool) -> Result<()> {
     }
     if v["ok"] != Value::Bool(true) {
         let why = v["error"].as_str().unwrap_or("no reason given");
-        return Err(Failure::Daemon(format!(
-            "upgrade failed: {why}\nthe running daemon keeps serving every connection"
-        )));
+        let after = if v["committed"] == Value::Bool(true) {
+            "the hand-over had committed: the previous process stops (check the new one)"
+        } else {
+            "the running daemon keeps serving every connection"
+        };
+        return Err(Failure::Daemon(format!("upgrade failed: {why}\n{after}")));
     }
     if !json {
         out(&upgrade_table(&v));

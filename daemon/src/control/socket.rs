@@ -10,6 +10,13 @@
 //! - `reload`: reload certificate, key and fleet key; `{"ok":...}`.
 //!
 //! Unknown commands get `{"error":"..."}`.
+//!
+//! **Authority.** Read-only verbs (`stats`, `agent`, `events`, `ping`,
+//! `metrics`, `guard`) answer anyone who can connect (the owner, and with
+//! `control_group` that group's members). Verbs that change the daemon
+//! (`upgrade`, `reload`, `guard release`) need the peer (SO_PEERCRED) to be
+//! the daemon's own user or root; others get
+//! `{"error":"`<verb>` requires the daemon's user or root"}`.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -173,6 +180,58 @@ pub enum Request {
     Guard,
     /// Release held events (all, or one agent's).
     GuardRelease(Option<String>),
+}
+
+impl Request {
+    /// The verb as the client typed it (for errors and logs).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Stats => "stats",
+            Request::Agent(_) => "agent",
+            Request::Events { .. } => "events",
+            Request::Ping => "ping",
+            Request::Metrics => "metrics",
+            Request::Reload => "reload",
+            Request::Upgrade(_) => "upgrade",
+            Request::Guard => "guard",
+            Request::GuardRelease(_) => "guard release",
+        }
+    }
+
+    /// Whether this request changes the daemon (and so needs the owner).
+    pub fn is_privileged(&self) -> bool {
+        match self {
+            Request::Stats
+            | Request::Agent(_)
+            | Request::Events { .. }
+            | Request::Ping
+            | Request::Metrics
+            | Request::Guard => false,
+            Request::Reload | Request::Upgrade(_) | Request::GuardRelease(_) => true,
+        }
+    }
+}
+
+/// A privileged request from someone other than the daemon's user or root.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("`{verb}` requires the daemon's user or root")]
+pub struct NotAuthorized {
+    pub verb: &'static str,
+}
+
+/// Who may do what: read-only verbs are open to any peer that could
+/// connect; privileged ones need `peer_uid` to be `daemon_uid` or 0. An
+/// unknown peer (no SO_PEERCRED) gets read-only verbs only.
+pub fn authorize(
+    req: &Request,
+    peer_uid: Option<u32>,
+    daemon_uid: u32,
+) -> Result<(), NotAuthorized> {
+    match peer_uid {
+        _ if !req.is_privileged() => Ok(()),
+        Some(uid) if uid == 0 || uid == daemon_uid => Ok(()),
+        _ => Err(NotAuthorized { verb: req.verb() }),
+    }
 }
 
 const USAGE: &str =
@@ -354,6 +413,12 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>, no
         }
     };
     debug!(?req, "control request");
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    if let Err(e) = authorize(&req, peer.map(|p| p.uid), daemon_uid) {
+        warn!(?peer, verb = req.verb(), "control request refused: {e}");
+        reply(&mut stream, &json!({ "error": e.to_string() })).await;
+        return;
+    }
     match req {
         Request::Stats => {
             let stats = gather_stats(&shard).await;
@@ -437,9 +502,9 @@ async fn upgrade(
         &serde_json::to_value(&report).unwrap_or(Value::Null),
     )
     .await;
-    if report.ok {
+    if report.ok || report.committed {
+        // `upgrade` already marked the hand-over (`handed_over`).
         use std::sync::atomic::Ordering::SeqCst;
-        shard.rt.handed_over.store(true, SeqCst);
         shard.rt.shutdown.store(true, SeqCst);
     }
 }
@@ -555,6 +620,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown command"));
+    }
+
+    #[test]
+    fn only_the_owner_or_root_changes_the_daemon() {
+        let owner = 998;
+        let member = Some(1234);
+        for line in [
+            "stats",
+            "agent a-1",
+            "events",
+            "events from 3",
+            "ping",
+            "metrics",
+            "guard",
+        ] {
+            let req = parse_request(line).unwrap();
+            assert_eq!(authorize(&req, member, owner), Ok(()), "{line}");
+            assert_eq!(authorize(&req, None, owner), Ok(()), "{line}");
+        }
+        for line in [
+            "upgrade",
+            "upgrade /usr/bin/presenced",
+            "reload",
+            "guard release",
+            "guard release a-1",
+        ] {
+            let req = parse_request(line).unwrap();
+            let e = authorize(&req, member, owner).unwrap_err();
+            assert!(
+                e.to_string().contains("requires the daemon's user or root"),
+                "{e}"
+            );
+            assert!(authorize(&req, None, owner).is_err(), "{line}");
+            assert_eq!(authorize(&req, Some(owner), owner), Ok(()), "{line}");
+            assert_eq!(authorize(&req, Some(0), owner), Ok(()), "{line}");
+        }
     }
 
     #[test]

@@ -10,8 +10,21 @@
 //! thaw, release) and leaves results in a shared [`Slot`].
 //!
 //! The new process's (target) side is `process::adopt::DaemonTarget`.
+//!
+//! **One hand-over at a time.** A request while one is in flight in this
+//! process is refused at once (`Runtime::upgrading`); across processes the
+//! source holds an exclusive `flock` on `upgrade.lock` next to the control
+//! socket (see [`lock_dir`]) from
+//! before the new binary starts until this process exits (after a
+//! successful hand-over) or the hand-over failed and resumed. The new
+//! process therefore cannot start a hand-over of its own until the old one
+//! is gone (it waits up to [`LOCK_WAIT`] for that, then refuses); a crash releases the lock with the process.
+//!
+//! **Which binary.** `upgrade <path>` needs an absolute path to a regular
+//! file owned by root or the daemon's user and writable by neither group nor
+//! other ([`check_binary`]); there is no PATH lookup.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -96,9 +109,153 @@ pub enum CommandError {
     NoEventLog,
 }
 
+/// The lock file that makes hand-overs exclusive, next to the control socket.
+pub const LOCK_FILE: &str = "upgrade.lock";
+
+/// Why `upgrade <path>` refuses a binary.
+#[derive(Debug, Error)]
+pub enum BinaryError {
+    #[error("binary `{0}`: an absolute path is required (no PATH lookup)")]
+    NotAbsolute(PathBuf),
+    #[error("binary `{path}`: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("binary `{0}`: not a regular file")]
+    NotRegular(PathBuf),
+    #[error("binary `{path}`: owned by uid {uid}; it must be owned by root or the daemon's user (uid {daemon})")]
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        daemon: u32,
+    },
+    #[error("binary `{path}`: mode {mode:04o} is writable by group or other")]
+    Writable { path: PathBuf, mode: u32 },
+}
+
+/// The binary `upgrade` may start: `path` absolute, resolving to a regular
+/// file owned by root or `daemon_uid`, not writable by group or other.
+/// Returns the resolved path (the one started).
+pub fn check_binary(path: &Path, daemon_uid: u32) -> Result<PathBuf, BinaryError> {
+    use std::os::unix::fs::MetadataExt;
+    if !path.is_absolute() {
+        return Err(BinaryError::NotAbsolute(path.to_owned()));
+    }
+    let stat = |source| BinaryError::Stat {
+        path: path.to_owned(),
+        source,
+    };
+    let real = std::fs::canonicalize(path).map_err(stat)?;
+    let meta = std::fs::metadata(&real).map_err(stat)?;
+    if !meta.file_type().is_file() {
+        return Err(BinaryError::NotRegular(real));
+    }
+    if meta.uid() != 0 && meta.uid() != daemon_uid {
+        return Err(BinaryError::Owner {
+            path: real,
+            uid: meta.uid(),
+            daemon: daemon_uid,
+        });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(BinaryError::Writable {
+            path: real,
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(real)
+}
+
+/// The exclusive hand-over lock (released when dropped or at exit).
+#[derive(Debug)]
+pub struct UpgradeLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Where the lock lives: next to the control socket (the runtime
+/// directory, `/run/presenced` under systemd), which the daemon could
+/// create its socket in, so it is usable whenever the daemon runs.
+pub fn lock_dir(control_socket: &Path) -> PathBuf {
+    match control_socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The lock of a committed hand-over, held until this process exits.
+static HELD: Mutex<Option<UpgradeLock>> = Mutex::new(None);
+
+/// Take `<dir>/upgrade.lock` exclusively, without waiting.
+pub fn lock(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let io = |source| UpgradeFailure::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io)?;
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(f) => f,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(UpgradeFailure::Busy {
+                holder: format!("{} is locked by pid {}", path.display(), holder.trim()),
+            });
+        }
+        Err((_, e)) => return Err(io(e.into())),
+    };
+    // The holder's pid, for the error others get. Best effort: the flock is
+    // what excludes, and a full disk must not block an upgrade.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| write!(file, "{}", std::process::id()));
+    Ok(UpgradeLock { _file: file })
+}
+
+/// How long `upgrade` waits for a lock held by another process: enough
+/// for the previous process to exit right after handing over to this one.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`lock`], retried while another process holds it, for up to [`LOCK_WAIT`].
+async fn lock_waiting(dir: &Path) -> Result<UpgradeLock, UpgradeFailure> {
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match lock(dir) {
+            Err(UpgradeFailure::Busy { .. }) if std::time::Instant::now() < give_up => {
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Why a hand-over did not happen (the report's `error`).
 #[derive(Debug, Error)]
 pub enum UpgradeFailure {
+    /// Another hand-over is in flight (this process or another one).
+    #[error("an upgrade is already in progress ({holder}); try again when it is over")]
+    Busy { holder: String },
+    #[error("upgrade lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
     #[error("socketpair: {0}")]
     Socketpair(std::io::Error),
     #[error("upgrade thread: {0}")]
@@ -236,21 +393,73 @@ pub struct UpgradeReport {
     pub uncarried: u64,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+    /// The source had sent Commit when the hand-over failed: nothing was
+    /// resumed and this process stops anyway (see `upgrade::machine`).
+    pub committed: bool,
 }
 
 /// Run a hand-over from the event shard: start `binary`, drive the source
 /// machine on a std thread, perform its commands here. Returns the report;
-/// on success the caller makes this process exit.
+/// on success (or a failure after commit) the caller makes this process
+/// exit. Refused while another hand-over is in flight.
 pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
+    use std::sync::atomic::Ordering::SeqCst;
     let started = std::time::Instant::now();
-    let fail = |e: UpgradeFailure| UpgradeReport {
+    let refuse = |e: UpgradeFailure| failed(started, e);
+    if shard.rt.shutdown.load(SeqCst) {
+        return refuse(UpgradeFailure::ShuttingDown);
+    }
+    if shard
+        .rt
+        .upgrading
+        .compare_exchange(false, true, SeqCst, SeqCst)
+        .is_err()
+    {
+        return refuse(UpgradeFailure::Busy {
+            holder: format!("in this process, pid {}", std::process::id()),
+        });
+    }
+    let report = match lock_waiting(&lock_dir(&shard.rt.config.server.control_socket)).await {
+        Ok(held) => {
+            let report = upgrade_locked(shard, binary, started).await;
+            if report.ok || report.committed {
+                // The new process serves (or may): keep the lock until exit,
+                // and mark the hand-over before shutdown may proceed.
+                shard.rt.handed_over.store(true, SeqCst);
+                *HELD.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+            }
+            report
+        }
+        Err(e) => refuse(e),
+    };
+    shard.rt.upgrading.store(false, SeqCst);
+    report
+}
+
+fn failed(started: std::time::Instant, e: UpgradeFailure) -> UpgradeReport {
+    UpgradeReport {
         ok: false,
         new_pid: None,
         connections: 0,
         records: 0,
         uncarried: 0,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        committed: matches!(&e, UpgradeFailure::Machine(m) if m.committed),
         error: Some(e.to_string()),
+    }
+}
+
+/// [`upgrade`] with the lock held.
+async fn upgrade_locked(
+    shard: &Rc<Shard>,
+    binary: &Path,
+    started: std::time::Instant,
+) -> UpgradeReport {
+    let fail = |e: UpgradeFailure| failed(started, e);
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let binary = match check_binary(binary, daemon_uid) {
+        Ok(b) => b,
+        Err(e) => return fail(e.into()),
     };
     let (ours, theirs) = match StdUnixStream::pair() {
         Ok(p) => p,
@@ -272,7 +481,7 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let done_rx = match spawn_source_thread(source, binary.to_owned(), cpus) {
+    let done_rx = match spawn_source_thread(source, binary, cpus) {
         Ok(rx) => rx,
         Err(e) => return fail(UpgradeFailure::Thread(e)),
     };
@@ -290,6 +499,7 @@ pub async fn upgrade(shard: &Rc<Shard>, binary: &Path) -> UpgradeReport {
             uncarried,
             elapsed_ms,
             error: None,
+            committed: true,
         },
         Ok(Err(e)) => fail(e),
         Err(_) => fail(UpgradeFailure::NoResult),

@@ -882,7 +882,9 @@ async fn tick_loop(shard: &Shard) {
         if !shard.is_frozen() {
             shard.on_tick(&mut fired, &mut transitions);
         }
-        if shard.rt.shutdown.load(Ordering::Relaxed) {
+        // A hand-over in flight is sending this shard's sockets: let it
+        // commit or resume before closing anything (SIGTERM mid-upgrade).
+        if shard.rt.shutdown.load(Ordering::Relaxed) && !shard.rt.upgrading.load(Ordering::SeqCst) {
             break;
         }
     }

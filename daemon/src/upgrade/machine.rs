@@ -16,8 +16,9 @@
 //!            <---------------------------------------- Serving{pid}      | Fail
 //!  Exit      finish(), the old process exits
 //!
-//!  any error before Serving:  Failed(step, reason) -> Abort (best effort),
-//!            stop_target, Resume (resume_all(reason)); the target exits non-zero.
+//!  any error before Commit is sent:  Failed(step, reason) -> Abort (best
+//!            effort), stop_target, Resume (resume_all(reason)); the target exits non-zero.
+//!  any error after Commit is sent:  no resume; finish(), the old process exits.
 //! ```
 //!
 //! **Why Commit after Confirm.** If the target started serving as soon as it
@@ -26,9 +27,12 @@
 //! sequence numbers diverge, agents see bad records). So the target only
 //! *prepares* in `ready()`, says Confirm, and touches no connection until it
 //! has the source's Commit. The source decides exactly once: it sends
-//! Commit, or it aborts and resumes. After Commit it still resumes if the
-//! target dies or stalls before Serving (after `stop_target`, which must kill
-//! it), because an old process serving is better than nobody serving.
+//! Commit, or it aborts and resumes. Once Commit is sent it never resumes:
+//! if the target then dies or stalls before Serving, the source neither
+//! thaws its shards nor re-sends `MAINPID=<old>` (the target may already
+//! serve, or a later hand-over may have claimed the unit); it releases like
+//! a finished hand-over (`finish`) and stops, and the error says
+//! `committed`. The service manager restarts the unit if nobody serves.
 //!
 //! Every wait for the peer has its own deadline of `timeout`.
 
@@ -208,6 +212,10 @@ pub enum FailKind {
 pub struct UpgradeError {
     pub step: UpgradeStep,
     pub kind: FailKind,
+    /// The source had sent Commit when this happened: the decision is
+    /// taken, nothing was resumed (no thaw, no `MAINPID=<old>`), and the
+    /// old process must stop as after a successful hand-over.
+    pub committed: bool,
 }
 
 impl UpgradeError {
@@ -215,6 +223,7 @@ impl UpgradeError {
         UpgradeError {
             step,
             kind: kind.into(),
+            committed: false,
         }
     }
 }
@@ -290,9 +299,9 @@ pub trait Source {
     /// A step failed: make sure the target is gone (kill and reap the child)
     /// before anything is resumed, so two processes never serve one socket.
     fn stop_target(&mut self);
-    /// A step failed: serve everything again. The daemon's own fds were
-    /// never closed. Also re-send `MAINPID=<own pid>`: a target that failed
-    /// after Commit may already have claimed the unit.
+    /// A step failed before Commit was sent: serve everything again. The
+    /// daemon's own fds were never closed. Never called once Commit is
+    /// out (then `finish` is, see the module docs).
     fn resume_all(&mut self, reason: &str);
     /// The target serves: close every listener and connection fd WITHOUT
     /// shutdown() (the sockets stay open in the target), send RECONNECT to
@@ -477,6 +486,16 @@ pub fn run_source<S: Source>(
                 "upgrade: handed over"
             );
             Ok(out)
+        }
+        Err(e) if e.committed => {
+            // Commit is out: the target may serve already. Resuming here
+            // would make two processes drive the same sockets (and claim
+            // the unit with MAINPID=<old>), so never thaw after Commit:
+            // release like a finished hand-over and let this process stop.
+            warn!(step = %e.step, "upgrade: {e} after commit; not resuming, this process stops");
+            let _ = side.sock.shutdown(std::net::Shutdown::Both);
+            src.finish();
+            Err(e)
         }
         Err(e) => {
             let reason = e.to_string();
@@ -760,12 +779,19 @@ fn source_commit(side: &mut Side) -> Result<u32, UpgradeError> {
         },
         &[],
     )?;
-    match side.recv()? {
+    // From here on the decision is taken: whatever happens, no resume.
+    let committed = |mut e: UpgradeError| {
+        e.committed = true;
+        e
+    };
+    match side.recv().map_err(committed)? {
         Msg::Serving {
             step: UpgradeStep::Commit,
             pid: p,
         } if p == pid => Ok(pid),
-        m => Err(side.protocol(format!("serving from pid {pid}"), &m)),
+        m => Err(committed(
+            side.protocol(format!("serving from pid {pid}"), &m),
+        )),
     }
 }
 

@@ -251,6 +251,8 @@ struct FakeTarget {
     ready_delay: Option<Duration>,
     notify: bool,
     committed: bool,
+    /// `commit` fails (after the source sent Commit).
+    fail_commit: bool,
 }
 
 impl Target for FakeTarget {
@@ -291,6 +293,9 @@ impl Target for FakeTarget {
         Ok(())
     }
     fn commit(&mut self) -> Result<(), std::io::Error> {
+        if self.fail_commit {
+            return Err(std::io::Error::other("cannot serve"));
+        }
         if self.notify {
             spawn::notify_takeover("took over").map_err(std::io::Error::other)?;
         }
@@ -491,6 +496,34 @@ fn target_dies_mid_transfer_source_resumes() {
     assert!(src.resumed.as_ref().unwrap().contains("transfer shard 0"));
     assert!(src.calls.contains(&"stop_target".into()));
     assert_source_still_serves(&mut src, &mut clients);
+}
+
+#[test]
+fn failure_after_commit_never_resumes() {
+    let (listener, _clients, servers) = tcp_setup(10);
+    let src = FakeSource::new(2, listener, servers, 10);
+    let tgt = FakeTarget {
+        fail_commit: true,
+        ..Default::default()
+    };
+    let (src, r, _tgt, tr) = run_pair(src, tgt, Duration::from_secs(10));
+    let e = r.unwrap_err();
+    assert_eq!(e.step, UpgradeStep::Commit);
+    assert!(e.committed, "{e}");
+    assert!(tr.is_err());
+    // Neither thawed nor MAINPID=<old> (resume_all), nor the target killed:
+    // released like a finished hand-over.
+    assert!(
+        src.resumed.is_none(),
+        "resumed after commit: {:?}",
+        src.calls
+    );
+    assert!(
+        !src.calls.iter().any(|c| c == "stop_target"),
+        "{:?}",
+        src.calls
+    );
+    assert!(src.finished);
 }
 
 #[test]
