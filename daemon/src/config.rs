@@ -147,6 +147,10 @@ pub struct AdmissionConfig {
     pub max_concurrent_handshakes: usize,
     /// New handshakes started per second per shard; more are closed before TLS.
     pub max_handshakes_per_sec: u32,
+    /// Handshakes in progress per shard from one source IP address; more
+    /// from that address are closed before TLS. Sized so a fleet behind
+    /// one NAT address still reconnects (agents back off with jitter).
+    pub max_handshakes_per_source: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -157,6 +161,7 @@ impl Default for AdmissionConfig {
             // TLS ticket); heartbeats are protected by task-queue priority.
             max_concurrent_handshakes: 4_096,
             max_handshakes_per_sec: 10_000,
+            max_handshakes_per_source: 64,
         }
     }
 }
@@ -214,6 +219,11 @@ pub struct TlsConfig {
     /// A client that has not completed the TLS handshake by then is dropped.
     #[serde(default = "default_10s", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// A client that sends no byte at all this long after TCP accept is
+    /// dropped (an idle socket must not hold a handshake slot for the whole
+    /// `handshake_timeout`).
+    #[serde(default = "default_3s", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +265,10 @@ impl Default for PresenceConfig {
 
 fn default_10s() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_3s() -> Duration {
+    Duration::from_secs(3)
 }
 
 impl PresenceConfig {
@@ -319,6 +333,15 @@ impl Config {
         }
         if self.tls.handshake_timeout.is_zero() {
             return Err(invalid("tls.handshake_timeout", "must be greater than 0"));
+        }
+        if self.tls.first_byte_timeout.is_zero() {
+            return Err(invalid("tls.first_byte_timeout", "must be greater than 0"));
+        }
+        if self.admission.max_handshakes_per_source == 0 {
+            return Err(invalid(
+                "admission.max_handshakes_per_source",
+                "must be at least 1",
+            ));
         }
         if p.event_ring_capacity == 0 {
             return Err(invalid(

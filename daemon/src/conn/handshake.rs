@@ -31,6 +31,9 @@ pub enum HandshakeError {
     /// A deadline or shutdown command.
     #[error("stopped by {0:?}")]
     Cmd(ConnCmd),
+    /// No byte arrived within `tls.first_byte_timeout` of accept.
+    #[error("no byte within the first-byte timeout")]
+    FirstByteTimeout,
     /// The peer went away.
     #[error("the peer closed the connection")]
     Closed,
@@ -66,10 +69,11 @@ pub enum Handshaken {
 pub async fn run(
     tls: Arc<ServerConfig>,
     mut tcp: TcpStream,
+    first_byte_timeout: Duration,
     mut cmd: oneshot::Receiver<ConnCmd>,
 ) -> Handshaken {
     let accepted = Instant::now();
-    let est = match handshake(tls, &mut tcp, &mut cmd).await {
+    let est = match handshake(tls, &mut tcp, first_byte_timeout, &mut cmd).await {
         Ok(est) if est.peer_closed => return Handshaken::PeerClosed,
         Ok(est) => est,
         Err(e) => return Handshaken::Failed(e),
@@ -108,9 +112,13 @@ pub async fn run(
 async fn handshake(
     tls: Arc<ServerConfig>,
     tcp: &mut TcpStream,
+    first_byte_timeout: Duration,
     mut cmd: &mut oneshot::Receiver<ConnCmd>,
 ) -> Result<Box<Established>, HandshakeError> {
     let mut hs = Handshake::new(tls)?;
+    // An idle socket must not hold its handshake slot (and its source's)
+    // for the whole handshake timeout: wait for its first byte only briefly.
+    let mut first_read = true;
     let mut out = Vec::new();
     let mut buf = vec![0u8; HANDSHAKE_CHUNK];
     loop {
@@ -155,12 +163,23 @@ async fn handshake(
         }
         let n = {
             let read = tcp.read(&mut buf).fuse();
-            pin_mut!(read);
+            // Later reads: the shard's wheel enforces the handshake deadline.
+            let first = async {
+                if first_read {
+                    sleep(first_byte_timeout).await
+                } else {
+                    futures::future::pending::<()>().await
+                }
+            }
+            .fuse();
+            pin_mut!(read, first);
             futures::select_biased! {
                 c = cmd => return Err(HandshakeError::Cmd(c.unwrap_or(ConnCmd::Shutdown))),
                 r = read => r.map_err(|_| HandshakeError::Closed)?,
+                _ = first => return Err(HandshakeError::FirstByteTimeout),
             }
         };
+        first_read = false;
         if n == 0 {
             return Err(HandshakeError::Closed);
         }

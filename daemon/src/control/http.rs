@@ -1,21 +1,30 @@
 //! The optional Prometheus HTTP endpoint (`[metrics] listen`): `GET /metrics`.
 //!
-//! It runs on one plain thread outside the shards and answers each request by
+//! It runs on plain threads outside the shards and answers each request by
 //! asking the daemon's own control socket for `metrics`, exactly as
 //! `presencectl metrics` does. Nothing here touches a shard's hot path: the
-//! shards only see one more control client. Requests are answered one at a
-//! time (a scrape is a few milliseconds).
+//! shards only see one more control client.
 //!
-//! Bounds: the listening socket carries a send timeout and TCP keepalive that
-//! every accepted connection inherits, so a scraper that stops reading cannot
-//! hold the answering thread for more than [`WRITE_TIMEOUT`], and a vanished
-//! peer is detected. The control socket round trip has [`CONTROL_TIMEOUT`].
+//! Bounds: one accepting thread hands connections to a fixed pool of
+//! [`WORKERS`] threads through a queue of [`QUEUE`]; a connection that finds
+//! the queue full gets `503` at once and is closed. A client has
+//! [`READ_TIMEOUT`] from accept, in all, to send its request head (at most [`MAX_HEAD`]
+//! bytes), then closes it; each connection carries one request
+//! (`Connection: close`). Both kinds of closing are counted in
+//! [`REJECTED`] (`metrics_http_rejected_total` in `stats`). The listening
+//! socket carries a send timeout and TCP keepalive that every accepted
+//! connection inherits, so a scraper that stops reading cannot hold a worker
+//! for more than [`WRITE_TIMEOUT`]. The control socket round trip has
+//! [`CONTROL_TIMEOUT`].
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing::{info, warn};
@@ -26,8 +35,21 @@ use crate::control::prometheus::CONTENT_TYPE;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `metrics` round trip on the control socket gives up after this.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client has this long after being picked up to send its request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads answering requests.
+pub const WORKERS: usize = 4;
+/// Accepted connections waiting for a worker; more get 503.
+pub const QUEUE: usize = 16;
+/// Largest request head read (request line and headers).
+pub const MAX_HEAD: usize = 8192;
 /// Largest control-socket reply accepted (the text for 1024 shards is < 8 MiB).
 const MAX_REPLY: u64 = 64 << 20;
+
+/// Connections the endpoint closed because of its bounds: the worker queue
+/// was full (answered 503), or no complete request head arrived within
+/// [`READ_TIMEOUT`].
+pub static REJECTED: AtomicU64 = AtomicU64::new(0);
 
 /// Why a scrape got no metrics (answered with 503 and this text).
 #[derive(Debug, Error)]
@@ -45,21 +67,114 @@ pub enum ScrapeError {
 }
 
 /// Bind `listen` now (so a bad address fails the start-up) and serve
-/// `GET /metrics` on a background thread named `metrics-http`.
+/// `GET /metrics` on background threads named `metrics-http*`.
 pub fn spawn(listen: SocketAddr, control_socket: PathBuf) -> std::io::Result<()> {
     let listener = bind(listen)?;
     let bound = listener.local_addr()?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| std::io::Error::other(format!("metrics listener {bound}: {e}")))?;
+    let (tx, rx) = sync_channel::<(TcpStream, Instant)>(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    let control_socket = Arc::new(control_socket);
+    for i in 0..WORKERS {
+        let rx = rx.clone();
+        let sock = control_socket.clone();
+        std::thread::Builder::new()
+            .name(format!("metrics-http-{i}"))
+            .spawn(move || worker(&rx, &sock))?;
+    }
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
             info!(listen = %bound, "metrics endpoint listening on http://{bound}/metrics");
-            for request in server.incoming_requests() {
-                handle(request, &control_socket);
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                match tx.try_send((conn, Instant::now())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full((mut conn, _))) => {
+                        REJECTED.fetch_add(1, Ordering::Relaxed);
+                        // A fresh socket's send buffer takes this at once.
+                        let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                        let _ = conn.write_all(&response(
+                            503,
+                            "text/plain; charset=utf-8",
+                            b"busy: too many connections\n",
+                            true,
+                        ));
+                    }
+                    Err(TrySendError::Disconnected(_)) => break,
+                }
             }
         })?;
     Ok(())
+}
+
+/// Take connections from the queue and answer each one's request.
+fn worker(rx: &Mutex<Receiver<(TcpStream, Instant)>>, control_socket: &Path) {
+    loop {
+        let next = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((mut conn, accepted)) = next else {
+            return;
+        };
+        match read_head(&mut conn, accepted + READ_TIMEOUT) {
+            Some(head) => {
+                let reply = handle(&head, control_socket);
+                if let Err(e) = conn.write_all(&reply) {
+                    warn!("metrics endpoint: writing the response: {e}");
+                }
+            }
+            None => {
+                REJECTED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The request head (up to the blank line), or None when the client did not
+/// send one by `deadline` ([`READ_TIMEOUT`] after accept) in [`MAX_HEAD`] bytes.
+fn read_head(conn: &mut TcpStream, deadline: Instant) -> Option<String> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        if left.is_zero() {
+            return None;
+        }
+        conn.set_read_timeout(Some(left)).ok()?;
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            head.truncate(end);
+            return String::from_utf8(head).ok();
+        }
+        if head.len() > MAX_HEAD {
+            return None;
+        }
+    }
+}
+
+/// A complete `Connection: close` response.
+fn response(code: u16, content_type: &str, body: &[u8], with_body: bool) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if with_body {
+        out.extend_from_slice(body);
+    }
+    out
 }
 
 fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
@@ -78,7 +193,7 @@ fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
     // still holds it (both set SO_REUSEPORT); the old one's exit frees it.
     sock.set_reuse_port(true).map_err(with_addr)?;
     // Inherited by accepted sockets. (Not SO_RCVTIMEO: it would also make
-    // the blocking accept() time out, which stops tiny_http's accept loop.)
+    // the blocking accept() time out.)
     sock.set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(with_addr)?;
     let keepalive = TcpKeepalive::new()
@@ -91,42 +206,31 @@ fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(sock.into())
 }
 
-fn handle(request: tiny_http::Request, control_socket: &Path) {
-    let path = request.url().split('?').next().unwrap_or_default();
-    let is_read = matches!(
-        request.method(),
-        tiny_http::Method::Get | tiny_http::Method::Head
-    );
-    let response = if path != "/metrics" {
-        text(404, "not found; the metrics are at /metrics\n".to_owned())
-    } else if !is_read {
-        text(405, "only GET and HEAD are allowed\n".to_owned())
+fn handle(head: &str, control_socket: &Path) -> Vec<u8> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let mut words = head.lines().next().unwrap_or_default().split(' ');
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        return response(400, PLAIN, b"bad request\n", true);
+    };
+    let path = target.split('?').next().unwrap_or_default();
+    let with_body = method != "HEAD";
+    if path != "/metrics" {
+        response(
+            404,
+            PLAIN,
+            b"not found; the metrics are at /metrics\n",
+            with_body,
+        )
+    } else if !matches!(method, "GET" | "HEAD") {
+        response(405, PLAIN, b"only GET and HEAD are allowed\n", with_body)
     } else {
         match query(control_socket) {
-            Ok(body) => match header("Content-Type", CONTENT_TYPE) {
-                Some(h) => tiny_http::Response::from_string(body).with_header(h),
-                None => tiny_http::Response::from_string(body),
-            },
+            Ok(body) => response(200, CONTENT_TYPE, body.as_bytes(), with_body),
             Err(e) => {
                 warn!("metrics endpoint: {e}");
-                text(503, format!("{e}\n"))
+                response(503, PLAIN, format!("{e}\n").as_bytes(), with_body)
             }
         }
-    };
-    if let Err(e) = request.respond(response) {
-        warn!("metrics endpoint: writing the response: {e}");
-    }
-}
-
-fn header(name: &str, value: &str) -> Option<tiny_http::Header> {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
-}
-
-fn text(code: u16, body: String) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let r = tiny_http::Response::from_string(body).with_status_code(code);
-    match header("Content-Type", "text/plain; charset=utf-8") {
-        Some(h) => r.with_header(h),
-        None => r,
     }
 }
 

@@ -126,6 +126,18 @@ const COUNTERS: &[Figure] = &[
         shard: |s| Some(s.handshake_timeouts_total),
     },
     Figure {
+        name: "first_byte_timeouts_total",
+        help: "Connections closed by tls.first_byte_timeout: no byte arrived after accept (also counted in handshake failures).",
+        total: Some(|s| s.first_byte_timeouts_total),
+        shard: |s| Some(s.first_byte_timeouts_total),
+    },
+    Figure {
+        name: "admission_source_rejected_total",
+        help: "Connections closed before TLS because their source address was over admission.max_handshakes_per_source (also in admission_rejected_total).",
+        total: Some(|s| s.admission_source_rejected_total),
+        shard: |s| Some(s.admission_source_rejected_total),
+    },
+    Figure {
         name: "hellos_total",
         help: "HELLOs accepted (sessions started).",
         total: Some(|s| s.hellos_total),
@@ -336,6 +348,12 @@ fn process_families(stats: &Stats) -> Vec<Family> {
             "gauge",
             "The oldest presence event seq still held for `events from`.",
             Some(stats.events_oldest_seq),
+        ),
+        Family::single(
+            "metrics_http_rejected_total",
+            "counter",
+            "Connections the metrics HTTP endpoint closed by its bounds (all workers busy: 503; no request within its read timeout).",
+            Some(stats.metrics_http_rejected_total),
         ),
     ]
 }

@@ -63,6 +63,8 @@ pub struct Stats {
     pub timeouts_total: u64,
     pub byes_total: u64,
     pub admission_rejected_total: u64,
+    pub admission_source_rejected_total: u64,
+    pub first_byte_timeouts_total: u64,
     pub handshakes_in_flight: u64,
     /// ERROR frames sent, by code name, summed over shards.
     pub errors_sent: BTreeMap<&'static str, u64>,
@@ -81,6 +83,9 @@ pub struct Stats {
     pub guard: Option<GuardStatus>,
     pub rss_bytes: Option<u64>,
     pub heap_bytes: Option<u64>,
+    /// Connections the metrics HTTP endpoint closed by its bounds (worker
+    /// queue full, or no request within its read timeout).
+    pub metrics_http_rejected_total: u64,
     pub per_shard: Vec<ShardSnapshot>,
 }
 
@@ -102,6 +107,7 @@ pub struct ProcessFigures {
     pub guard: Option<GuardStatus>,
     pub rss_bytes: Option<u64>,
     pub heap_bytes: Option<u64>,
+    pub metrics_http_rejected_total: u64,
 }
 
 impl Stats {
@@ -135,6 +141,8 @@ impl Stats {
             timeouts_total: sum(|s| s.timeouts_total),
             byes_total: sum(|s| s.byes_total),
             admission_rejected_total: sum(|s| s.admission_rejected_total),
+            admission_source_rejected_total: sum(|s| s.admission_source_rejected_total),
+            first_byte_timeouts_total: sum(|s| s.first_byte_timeouts_total),
             handshakes_in_flight: sum(|s| s.handshakes_in_flight),
             errors_sent,
             events_next_seq: p.events_next_seq,
@@ -151,6 +159,7 @@ impl Stats {
             guard: p.guard,
             rss_bytes: p.rss_bytes,
             heap_bytes: p.heap_bytes,
+            metrics_http_rejected_total: p.metrics_http_rejected_total,
             per_shard,
         }
     }
@@ -219,6 +228,8 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
             .map(|g| g.borrow().status(crate::shared::wall_ms())),
         rss_bytes: rss_bytes(),
         heap_bytes: heap_bytes(),
+        metrics_http_rejected_total: crate::control::http::REJECTED
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -275,6 +286,8 @@ mod tests {
             "handshakes_resumed_total",
             "handshakes_in_flight",
             "admission_rejected_total",
+            "admission_source_rejected_total",
+            "first_byte_timeouts_total",
             "handshake_failures_total",
             "handshake_timeouts_total",
             "hellos_total",
@@ -293,6 +306,7 @@ mod tests {
             "tls_cert_not_after_ms",
             "rss_bytes",
             "heap_bytes",
+            "metrics_http_rejected_total",
             "per_shard",
         ];
         want.sort_unstable();

@@ -3,7 +3,9 @@
 //! congested; each admitted connection gets a handshake task whose outcome
 //! this module adopts into the connection table.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -27,33 +29,69 @@ pub enum AcceptCtl {
     Stop,
 }
 
-/// Admission control state: handshakes running, and this second's starts.
+/// Why admission closed a connection before TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Over `max_concurrent_handshakes` or `max_handshakes_per_sec`.
+    Shard,
+    /// Its source address is over `max_handshakes_per_source`.
+    Source,
+}
+
+/// Admission control state: handshakes running (in all, and per source
+/// address), and this second's starts.
 #[derive(Default)]
 pub struct Admission {
     in_flight: Cell<usize>,
     second: Cell<(u64, u32)>,
+    /// Handshakes in progress per source address (no entry at zero, so
+    /// the map holds at most `max_concurrent_handshakes` entries).
+    per_source: RefCell<HashMap<IpAddr, usize>>,
 }
 
 impl Admission {
-    /// May one more TLS handshake start at `now_ms`? Counts it when yes.
-    pub fn admit(&self, caps: &AdmissionConfig, now_ms: u64) -> bool {
+    /// May one more TLS handshake from `source` start at `now_ms`? Counts
+    /// it when yes; [`Admission::done`] with the same `source` undoes it.
+    pub fn admit(
+        &self,
+        caps: &AdmissionConfig,
+        now_ms: u64,
+        source: Option<IpAddr>,
+    ) -> Result<(), Refused> {
         if self.in_flight.get() >= caps.max_concurrent_handshakes {
-            return false;
+            return Err(Refused::Shard);
         }
         let second = now_ms / 1000;
         let (s, n) = self.second.get();
         let n = if s == second { n } else { 0 };
         if n >= caps.max_handshakes_per_sec {
-            return false;
+            return Err(Refused::Shard);
+        }
+        if let Some(ip) = source {
+            let mut per = self.per_source.borrow_mut();
+            let c = per.entry(ip).or_insert(0);
+            if *c >= caps.max_handshakes_per_source {
+                return Err(Refused::Source);
+            }
+            *c += 1;
         }
         self.second.set((second, n + 1));
         self.in_flight.set(self.in_flight.get() + 1);
-        true
+        Ok(())
     }
 
-    /// A handshake admitted earlier ended.
-    pub fn done(&self) {
+    /// A handshake admitted earlier from `source` ended.
+    pub fn done(&self, source: Option<IpAddr>) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        if let Some(ip) = source {
+            let mut per = self.per_source.borrow_mut();
+            if let Some(c) = per.get_mut(&ip) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    per.remove(&ip);
+                }
+            }
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -114,12 +152,19 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, handshakes: &glommio::TaskQueueHa
     shard.counters.accepted.inc();
     // Over the handshake caps, or the mesh is backed up: closed before
     // TLS; agents back off with jitter and come back.
-    if shard.router.congested()
-        || !shard
-            .admission
-            .admit(&shard.rt.config.admission, shard.table.now_ms())
-    {
+    if shard.router.congested() {
         shard.counters.admission_rejected.inc();
+        return;
+    }
+    let source = stream.peer_addr().ok().map(|a| a.ip());
+    let admitted = shard
+        .admission
+        .admit(&shard.rt.config.admission, shard.table.now_ms(), source);
+    if let Err(why) = admitted {
+        shard.counters.admission_rejected.inc();
+        if why == Refused::Source {
+            shard.counters.admission_source_rejected.inc();
+        }
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -130,7 +175,7 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, handshakes: &glommio::TaskQueueHa
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
     let (key, gen, cmd) = shard.table.register();
-    let task = handshake_task(shard.clone(), stream, key, gen, cmd);
+    let task = handshake_task(shard.clone(), stream, source, key, gen, cmd);
     if let Ok(t) = glommio::spawn_local_into(task, *handshakes) {
         t.detach();
     }
@@ -141,12 +186,14 @@ fn admit(shard: &Rc<Shard>, stream: TcpStream, handshakes: &glommio::TaskQueueHa
 async fn handshake_task(
     shard: Rc<Shard>,
     stream: TcpStream,
+    source: Option<IpAddr>,
     key: usize,
     gen: u32,
     cmd: oneshot::Receiver<ConnCmd>,
 ) {
-    let outcome = handshake::run(shard.rt.tls(), stream, cmd).await;
-    shard.admission.done();
+    let first_byte = shard.rt.config.tls.first_byte_timeout;
+    let outcome = handshake::run(shard.rt.tls(), stream, first_byte, cmd).await;
+    shard.admission.done(source);
     let c = &shard.counters;
     match outcome {
         Handshaken::PeerClosed => {
@@ -172,6 +219,9 @@ async fn handshake_task(
             c.handshake_failures.inc();
             if why.is_timeout() {
                 c.handshake_timeouts.inc();
+            }
+            if matches!(why, handshake::HandshakeError::FirstByteTimeout) {
+                c.first_byte_timeouts.inc();
             }
             debug!(shard = shard.id, %why, "handshake ended without a session");
             shard.table.handshake_failed(key, gen);

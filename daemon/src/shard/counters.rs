@@ -83,6 +83,12 @@ pub struct Counters {
     pub byes: Counter,
     /// Connections closed before TLS by admission control.
     pub admission_rejected: Counter,
+    /// Connections closed before TLS: their source address was over
+    /// `admission.max_handshakes_per_source` (also in `admission_rejected`).
+    pub admission_source_rejected: Counter,
+    /// Handshakes ended by `tls.first_byte_timeout`: no byte ever arrived
+    /// (also counted in `handshake_failures`).
+    pub first_byte_timeouts: Counter,
     /// ERROR frames sent, by code (index = code).
     pub errors_sent: [Counter; 8],
 }
@@ -119,6 +125,8 @@ impl Counters {
             timeouts_total: self.timeouts.get(),
             byes_total: self.byes.get(),
             admission_rejected_total: self.admission_rejected.get(),
+            admission_source_rejected_total: self.admission_source_rejected.get(),
+            first_byte_timeouts_total: self.first_byte_timeouts.get(),
             handshakes_in_flight: 0,
             handshake_latency: self.handshake_latency.summary(),
             heartbeat_latency: self.heartbeat_latency.summary(),
@@ -157,6 +165,8 @@ pub struct ShardSnapshot {
     pub timeouts_total: u64,
     pub byes_total: u64,
     pub admission_rejected_total: u64,
+    pub admission_source_rejected_total: u64,
+    pub first_byte_timeouts_total: u64,
     pub handshakes_in_flight: u64,
     /// ERROR frames sent, by code name.
     pub errors_sent: BTreeMap<&'static str, u64>,
