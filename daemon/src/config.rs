@@ -214,13 +214,48 @@ pub struct TlsConfig {
     /// A client that has not completed the TLS handshake by then is dropped.
     #[serde(default = "default_10s", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// What to do when `key` or a fleet key file can be read by group or
+    /// others: `warn` (log it, default) or `refuse` (fail start or reload).
+    #[serde(default)]
+    pub key_permissions: KeyPermissions,
+}
+
+/// `tls.key_permissions`: the policy for key files readable by group/other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPermissions {
+    #[default]
+    Warn,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// File holding the 32-byte fleet key as 64 hex characters.
-    pub fleet_key: PathBuf,
+    #[serde(default)]
+    pub fleet_key: Option<PathBuf>,
+    /// More fleet key files, all accepted at once (rotation). With
+    /// `fleet_key`, at least one key is required.
+    #[serde(default)]
+    pub fleet_keys: Vec<PathBuf>,
+    /// Deny-list of agent ids, one per line, `#` comments (reloadable).
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Every configured fleet key file: `fleet_key` first, then `fleet_keys`
+    /// (duplicates dropped).
+    pub fn fleet_key_paths(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
+        for p in self.fleet_key.iter().chain(self.fleet_keys.iter()) {
+            if !out.contains(&p.as_path()) {
+                out.push(p);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,13 +316,18 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
+        let auth = &mut cfg.auth;
+        let optional = auth.fleet_key.iter_mut().chain(auth.revoked.iter_mut());
         for p in [
             &mut cfg.tls.cert,
             &mut cfg.tls.key,
-            &mut cfg.auth.fleet_key,
             &mut cfg.server.control_socket,
             &mut cfg.state.dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(optional)
+        .chain(auth.fleet_keys.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -302,6 +342,12 @@ impl Config {
             key,
             reason: reason.to_owned(),
         };
+        if self.auth.fleet_key_paths().is_empty() {
+            return Err(invalid(
+                "auth.fleet_key",
+                "at least one fleet key is required (auth.fleet_key or auth.fleet_keys)",
+            ));
+        }
         let p = &self.presence;
         if p.heartbeat_interval < Duration::from_millis(10)
             || p.heartbeat_interval.as_millis() > u32::MAX as u128

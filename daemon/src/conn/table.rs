@@ -165,8 +165,8 @@ fn untoken(t: u64) -> (usize, u32) {
 struct RuntimeContext<'a>(&'a Runtime);
 
 impl agent::Context for RuntimeContext<'_> {
-    fn verify_token(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> bool {
-        self.0.verify_token(id, token)
+    fn authenticate(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> agent::HelloAuth {
+        self.0.authenticate(id, token)
     }
     fn heartbeat_interval_ms(&self) -> u32 {
         self.0.config.presence.heartbeat_interval.as_millis() as u32
