@@ -258,3 +258,38 @@ fn dev_init_force_tightens_modes_and_never_writes_through_symlinks() {
         assert_eq!(mode(victim), 0o644);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_closes_live_sessions_of_revoked_ids_with_reason_revoked() {
+    let (dir, _new) = rotation_setup();
+    let d = Daemon::spawn_in(dir);
+    let key = d.fleet_key.clone();
+    let mut victim = hello_with(&d, &key, "live-1").await;
+    expect_welcome(&mut victim).await;
+    let mut bystander = hello_with(&d, &key, "live-2").await;
+    expect_welcome(&mut bystander).await;
+    let mut events = d.events(None);
+
+    std::fs::write(d.dir.path().join("revoked.txt"), "bad-1\nlive-1\n").unwrap();
+    let o = d.presencectl(&["reload"]);
+    assert!(o.status.success(), "{o:?}");
+    let msg = expect_error(&mut victim, ErrorCode::AuthenticationFailed).await;
+    assert!(msg.contains("revoked"), "{msg}");
+
+    let ev = events
+        .collect(Duration::from_secs(2))
+        .into_iter()
+        .find(|v| v["agent"] == "live-1")
+        .expect("an event for the revoked agent");
+    assert_eq!(ev["state"], "offline", "{ev}");
+    assert_eq!(ev["reason"], "revoked", "{ev}");
+    assert_eq!(d.control_json("agent live-1")["state"], "offline");
+    let stats = d.stats();
+    assert_eq!(stats["events_by_reason"]["offline:revoked"], 1, "{stats}");
+    // The other agent's session is untouched.
+    bystander
+        .heartbeat(1)
+        .await
+        .expect("bystander still served");
+    assert_eq!(d.control_json("agent live-2")["state"], "online");
+}

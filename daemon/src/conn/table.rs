@@ -513,6 +513,29 @@ impl ConnTable {
         // `s.fd` closes here.
     }
 
+    /// Close every session whose agent `creds` revokes: ERROR 2, then
+    /// offline with reason `revoked` (see [`agent::revoked_ending`]).
+    pub fn revoke(&self, creds: &crate::shared::Credentials, fx: &mut Effects) {
+        let doomed: Vec<(usize, u32)> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.phase == Phase::Session)
+            .filter_map(|(key, e)| match &e.kind {
+                Kind::Session(s) => s
+                    .agent
+                    .as_deref()
+                    .filter(|id| creds.is_revoked(id.as_bytes()))
+                    .map(|_| (key, e.gen)),
+                _ => None,
+            })
+            .collect();
+        let ending = agent::revoked_ending();
+        for (key, gen) in doomed {
+            self.end_session(key, gen, &ending, fx);
+        }
+    }
+
     /// Deliver a command to a connection, whatever its phase.
     pub fn command(&self, key: usize, gen: u32, cmd: ConnCmd, fx: &mut Effects) {
         {
