@@ -456,4 +456,41 @@ fleet_key = "fleet.key"
         let e = Config::parse(&text, Path::new("x.toml"), Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("heartbeat_interval"), "{e}");
     }
+
+    #[test]
+    fn fleet_keys_and_revoked_resolve_and_one_key_is_required() {
+        let text = MIN.replace(
+            "fleet_key = \"fleet.key\"",
+            "fleet_keys = [\"new.key\", \"/abs/old.key\"]\nrevoked = \"revoked\"",
+        );
+        let c = Config::parse(&text, Path::new("/etc/p/x.toml"), Path::new("/etc/p")).unwrap();
+        assert_eq!(c.auth.fleet_key, None);
+        assert_eq!(
+            c.auth.fleet_key_paths(),
+            [Path::new("/etc/p/new.key"), Path::new("/abs/old.key")]
+        );
+        assert_eq!(c.auth.revoked.as_deref(), Some(Path::new("/etc/p/revoked")));
+        assert_eq!(c.tls.key_permissions, KeyPermissions::Warn);
+
+        let both = MIN.replace(
+            "fleet_key = \"fleet.key\"",
+            "fleet_key = \"fleet.key\"\nfleet_keys = [\"fleet.key\", \"b.key\"]",
+        );
+        let c = Config::parse(&both, Path::new("x.toml"), Path::new("/d")).unwrap();
+        assert_eq!(
+            c.auth.fleet_key_paths(),
+            [Path::new("/d/fleet.key"), Path::new("/d/b.key")]
+        );
+
+        let none = MIN.replace("fleet_key = \"fleet.key\"", "fleet_keys = []");
+        let e = Config::parse(&none, Path::new("x.toml"), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("auth.fleet_key"), "{e}");
+
+        let refuse = MIN.replace(
+            "key = \"tls/key.pem\"",
+            "key = \"k\"\nkey_permissions = \"refuse\"",
+        );
+        let c = Config::parse(&refuse, Path::new("x.toml"), Path::new(".")).unwrap();
+        assert_eq!(c.tls.key_permissions, KeyPermissions::Refuse);
+    }
 }

@@ -387,3 +387,46 @@ pub fn wall_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_file_names_unless_ambiguous() {
+        let a = Path::new("/etc/p/fleet.key");
+        let b = Path::new("/etc/p/fleet-2027.key");
+        let c = Path::new("/other/fleet.key");
+        assert_eq!(key_names(&[a, b]), ["fleet.key", "fleet-2027.key"]);
+        assert_eq!(
+            key_names(&[a, b, c]),
+            ["/etc/p/fleet.key", "fleet-2027.key", "/other/fleet.key"]
+        );
+    }
+
+    #[test]
+    fn loose_key_modes_warn_or_refuse_naming_file_and_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fleet.key");
+        std::fs::write(&p, "x").unwrap();
+        let set = |m| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        set(0o600);
+        assert!(check_key_file(&p, KeyPermissions::Refuse)
+            .unwrap()
+            .is_none());
+        set(0o400);
+        assert!(check_key_file(&p, KeyPermissions::Refuse)
+            .unwrap()
+            .is_none());
+        set(0o640);
+        let w = check_key_file(&p, KeyPermissions::Warn).unwrap().unwrap();
+        assert!(w.contains("fleet.key") && w.contains("0640"), "{w}");
+        set(0o604);
+        let e = check_key_file(&p, KeyPermissions::Refuse).unwrap_err();
+        assert!(matches!(
+            e,
+            CredentialsError::LoosePermissions { mode: 0o604, .. }
+        ));
+        assert!(e.to_string().contains("0604"), "{e}");
+    }
+}
