@@ -224,13 +224,48 @@ pub struct TlsConfig {
     /// `handshake_timeout`).
     #[serde(default = "default_3s", with = "humantime_serde")]
     pub first_byte_timeout: Duration,
+    /// What to do when `key` or a fleet key file can be read by group or
+    /// others: `warn` (log it, default) or `refuse` (fail start or reload).
+    #[serde(default)]
+    pub key_permissions: KeyPermissions,
+}
+
+/// `tls.key_permissions`: the policy for key files readable by group/other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPermissions {
+    #[default]
+    Warn,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// File holding the 32-byte fleet key as 64 hex characters.
-    pub fleet_key: PathBuf,
+    #[serde(default)]
+    pub fleet_key: Option<PathBuf>,
+    /// More fleet key files, all accepted at once (rotation). With
+    /// `fleet_key`, at least one key is required.
+    #[serde(default)]
+    pub fleet_keys: Vec<PathBuf>,
+    /// Deny-list of agent ids, one per line, `#` comments (reloadable).
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Every configured fleet key file: `fleet_key` first, then `fleet_keys`
+    /// (duplicates dropped).
+    pub fn fleet_key_paths(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
+        for p in self.fleet_key.iter().chain(self.fleet_keys.iter()) {
+            if !out.contains(&p.as_path()) {
+                out.push(p);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -295,13 +330,18 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
+        let auth = &mut cfg.auth;
+        let optional = auth.fleet_key.iter_mut().chain(auth.revoked.iter_mut());
         for p in [
             &mut cfg.tls.cert,
             &mut cfg.tls.key,
-            &mut cfg.auth.fleet_key,
             &mut cfg.server.control_socket,
             &mut cfg.state.dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(optional)
+        .chain(auth.fleet_keys.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -316,6 +356,12 @@ impl Config {
             key,
             reason: reason.to_owned(),
         };
+        if self.auth.fleet_key_paths().is_empty() {
+            return Err(invalid(
+                "auth.fleet_key",
+                "at least one fleet key is required (auth.fleet_key or auth.fleet_keys)",
+            ));
+        }
         let p = &self.presence;
         if p.heartbeat_interval < Duration::from_millis(10)
             || p.heartbeat_interval.as_millis() > u32::MAX as u128
@@ -432,5 +478,42 @@ fleet_key = "fleet.key"
         let text = format!("{MIN}\n[presence]\nheartbeat_interval = \"often\"\n");
         let e = Config::parse(&text, Path::new("x.toml"), Path::new(".")).unwrap_err();
         assert!(e.to_string().contains("heartbeat_interval"), "{e}");
+    }
+
+    #[test]
+    fn fleet_keys_and_revoked_resolve_and_one_key_is_required() {
+        let text = MIN.replace(
+            "fleet_key = \"fleet.key\"",
+            "fleet_keys = [\"new.key\", \"/abs/old.key\"]\nrevoked = \"revoked\"",
+        );
+        let c = Config::parse(&text, Path::new("/etc/p/x.toml"), Path::new("/etc/p")).unwrap();
+        assert_eq!(c.auth.fleet_key, None);
+        assert_eq!(
+            c.auth.fleet_key_paths(),
+            [Path::new("/etc/p/new.key"), Path::new("/abs/old.key")]
+        );
+        assert_eq!(c.auth.revoked.as_deref(), Some(Path::new("/etc/p/revoked")));
+        assert_eq!(c.tls.key_permissions, KeyPermissions::Warn);
+
+        let both = MIN.replace(
+            "fleet_key = \"fleet.key\"",
+            "fleet_key = \"fleet.key\"\nfleet_keys = [\"fleet.key\", \"b.key\"]",
+        );
+        let c = Config::parse(&both, Path::new("x.toml"), Path::new("/d")).unwrap();
+        assert_eq!(
+            c.auth.fleet_key_paths(),
+            [Path::new("/d/fleet.key"), Path::new("/d/b.key")]
+        );
+
+        let none = MIN.replace("fleet_key = \"fleet.key\"", "fleet_keys = []");
+        let e = Config::parse(&none, Path::new("x.toml"), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("auth.fleet_key"), "{e}");
+
+        let refuse = MIN.replace(
+            "key = \"tls/key.pem\"",
+            "key = \"k\"\nkey_permissions = \"refuse\"",
+        );
+        let c = Config::parse(&refuse, Path::new("x.toml"), Path::new(".")).unwrap();
+        assert_eq!(c.tls.key_permissions, KeyPermissions::Refuse);
     }
 }

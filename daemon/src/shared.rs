@@ -1,8 +1,11 @@
 //! What every shard reads and nobody mutates on the hot path: the config,
-//! the TLS server configuration, the fleet key, the bound address and the
-//! shutdown flag.
+//! the TLS server configuration, the credentials (fleet keys and the
+//! deny-list of agent ids), the bound address and the shutdown flag.
 
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -12,7 +15,8 @@ use rustls::ServerConfig;
 use presence_proto::{FleetKey, FleetKeyError};
 use thiserror::Error;
 
-use crate::config::Config;
+use crate::config::{Config, KeyPermissions};
+use crate::conn::agent::{self, HelloAuth};
 use crate::tls::config::TlsError;
 
 /// Why a reload kept the old material.
@@ -21,7 +25,184 @@ pub enum ReloadError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+/// Why the credentials (fleet keys, deny-list, key file modes) were refused.
+#[derive(Debug, Error)]
+pub enum CredentialsError {
+    #[error(transparent)]
     FleetKey(#[from] FleetKeyError),
+    #[error("cannot read the revoked-agents file {path}: {source}")]
+    Revoked {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "key file {path} has mode {mode:04o}: group or others can read it \
+         (chmod 0600; tls.key_permissions = \"refuse\")"
+    )]
+    LoosePermissions { path: PathBuf, mode: u32 },
+    #[error("cannot stat key file {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Check that a key file is not readable by group or others: `Ok(None)`
+/// when tight, `Ok(Some(warning))` when loose under `warn` (the caller
+/// logs it), an error when loose under `refuse`. The message names the
+/// file and its mode.
+pub fn check_key_file(
+    path: &Path,
+    policy: KeyPermissions,
+) -> Result<Option<String>, CredentialsError> {
+    let meta = std::fs::metadata(path).map_err(|source| CredentialsError::Stat {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o044 == 0 {
+        return Ok(None);
+    }
+    let err = CredentialsError::LoosePermissions {
+        path: path.to_owned(),
+        mode,
+    };
+    match policy {
+        KeyPermissions::Warn => Ok(Some(err.to_string())),
+        KeyPermissions::Refuse => Err(err),
+    }
+}
+
+/// Check `tls.key` and every fleet key file (start and reload); loose
+/// modes are logged as warnings, or refused under `tls.key_permissions =
+/// "refuse"`.
+pub fn check_key_files(config: &Config) -> Result<(), CredentialsError> {
+    let policy = config.tls.key_permissions;
+    let paths = std::iter::once(config.tls.key.as_path()).chain(config.auth.fleet_key_paths());
+    for p in paths {
+        if let Some(w) = check_key_file(p, policy)? {
+            tracing::warn!("{w}");
+        }
+    }
+    Ok(())
+}
+
+/// The name a fleet key is counted under: its file name (the full path
+/// when two keys share a file name).
+fn key_names(paths: &[&Path]) -> Vec<String> {
+    let short = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string())
+    };
+    paths
+        .iter()
+        .map(|p| {
+            let name = short(p);
+            if paths.iter().filter(|q| short(q) == name).count() > 1 {
+                p.display().to_string()
+            } else {
+                name
+            }
+        })
+        .collect()
+}
+
+/// The fleet keys HELLO tokens verify against, and the revoked agent ids.
+/// Read-only once built; a reload builds a new one and swaps it in.
+pub struct Credentials {
+    keys: Vec<FleetKey>,
+    /// Per key (same order): its name and how many HELLOs it accepted.
+    used: Vec<(String, Arc<AtomicU64>)>,
+    revoked: HashSet<Box<[u8]>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field(
+                "keys",
+                &self.used.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("revoked", &self.revoked.len())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// One key, nothing revoked.
+    pub fn single(key: FleetKey, name: &str) -> Self {
+        Self {
+            keys: vec![key],
+            used: vec![(name.to_owned(), Arc::new(AtomicU64::new(0)))],
+            revoked: HashSet::new(),
+        }
+    }
+
+    /// Load every configured fleet key and the deny-list. Counters of keys
+    /// of the same name in `previous` carry on (a reload does not reset them).
+    pub fn load(config: &Config, previous: Option<&Credentials>) -> Result<Self, CredentialsError> {
+        let paths = config.auth.fleet_key_paths();
+        let names = key_names(&paths);
+        let mut keys = Vec::with_capacity(paths.len());
+        let mut used = Vec::with_capacity(paths.len());
+        for (path, name) in paths.iter().zip(names) {
+            keys.push(FleetKey::load(path)?);
+            let counter = previous
+                .and_then(|p| p.used.iter().find(|(n, _)| *n == name))
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default();
+            used.push((name, counter));
+        }
+        let revoked = match &config.auth.revoked {
+            None => HashSet::new(),
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| CredentialsError::Revoked {
+                        path: path.clone(),
+                        source,
+                    })?;
+                agent::parse_revoked(&text)
+                    .map(|id| id.as_bytes().into())
+                    .collect()
+            }
+        };
+        Ok(Self {
+            keys,
+            used,
+            revoked,
+        })
+    }
+
+    /// Check a HELLO and count which key accepted it.
+    pub fn authenticate(&self, id: &[u8], token: &[u8; presence_proto::TOKEN_LEN]) -> HelloAuth {
+        let auth = agent::authenticate(&self.keys, self.is_revoked(id), id, token);
+        if let HelloAuth::Accepted { key } = auth {
+            if let Some((_, n)) = self.used.get(key) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        auth
+    }
+
+    pub fn is_revoked(&self, id: &[u8]) -> bool {
+        !self.revoked.is_empty() && self.revoked.contains(id)
+    }
+
+    /// HELLOs accepted per fleet key, by key name.
+    pub fn keys_used(&self) -> BTreeMap<String, u64> {
+        self.used
+            .iter()
+            .map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.len()
+    }
 }
 
 pub struct Runtime {
@@ -38,7 +219,7 @@ pub struct Runtime {
     /// a new binary started by an upgrade gets the same.
     pub startup_cpus: Mutex<Vec<usize>>,
     tls: RwLock<Arc<ServerConfig>>,
-    fleet_key: RwLock<FleetKey>,
+    credentials: RwLock<Arc<Credentials>>,
     /// Session ticket keys (persisted, rotated, handed over on upgrade).
     pub ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
     /// The address actually bound (port 0 resolved).
@@ -73,7 +254,7 @@ impl Runtime {
     pub fn new(
         config: Config,
         tls: Arc<ServerConfig>,
-        fleet_key: FleetKey,
+        credentials: Credentials,
         ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
         listen: SocketAddr,
         shutdown: Arc<AtomicBool>,
@@ -87,7 +268,7 @@ impl Runtime {
             startup_cpus: Mutex::new(Vec::new()),
             record_layer: Mutex::new(String::new()),
             tls: RwLock::new(tls),
-            fleet_key: RwLock::new(fleet_key),
+            credentials: RwLock::new(Arc::new(credentials)),
             ticketer,
             listen,
             shutdown,
@@ -101,15 +282,20 @@ impl Runtime {
         }
     }
 
-    /// Check an agent's HELLO token against the current fleet key.
-    pub fn verify_token(&self, id: &[u8], token: &[u8; presence_proto::TOKEN_LEN]) -> bool {
-        match self.fleet_key.read() {
-            Ok(k) => k.verify(id, token),
-            Err(poisoned) => poisoned.into_inner().verify(id, token),
+    /// The credentials in service (fleet keys, deny-list).
+    pub fn credentials(&self) -> Arc<Credentials> {
+        match self.credentials.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Reload the certificate, key and fleet key from the configured paths.
+    /// Check an agent's HELLO id and token against the current credentials.
+    pub fn authenticate(&self, id: &[u8], token: &[u8; presence_proto::TOKEN_LEN]) -> HelloAuth {
+        self.credentials().authenticate(id, token)
+    }
+
+    /// Reload the certificate, key, fleet keys and deny-list from the configured paths.
     /// Everything is loaded and validated first; on any error nothing
     /// changes and the old material stays in service. Established
     /// connections are never touched.
@@ -131,14 +317,15 @@ impl Runtime {
     /// Load and validate the new material, then swap it in (all or nothing).
     fn load_and_swap(&self) -> Result<(), ReloadError> {
         let c = &self.config;
+        check_key_files(c)?;
         let (tls, not_after) =
             crate::tls::config::server_config_with_expiry(&c.tls.cert, &c.tls.key, &self.ticketer)?;
-        let key = FleetKey::load(&c.auth.fleet_key)?;
+        let creds = Arc::new(Credentials::load(c, Some(&self.credentials()))?);
         self.set_tls(tls);
         self.set_cert_not_after(not_after);
-        match self.fleet_key.write() {
-            Ok(mut g) => *g = key,
-            Err(poisoned) => *poisoned.into_inner() = key,
+        match self.credentials.write() {
+            Ok(mut g) => *g = creds,
+            Err(poisoned) => *poisoned.into_inner() = creds,
         }
         Ok(())
     }
@@ -203,4 +390,47 @@ pub fn wall_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_file_names_unless_ambiguous() {
+        let a = Path::new("/etc/p/fleet.key");
+        let b = Path::new("/etc/p/fleet-2027.key");
+        let c = Path::new("/other/fleet.key");
+        assert_eq!(key_names(&[a, b]), ["fleet.key", "fleet-2027.key"]);
+        assert_eq!(
+            key_names(&[a, b, c]),
+            ["/etc/p/fleet.key", "fleet-2027.key", "/other/fleet.key"]
+        );
+    }
+
+    #[test]
+    fn loose_key_modes_warn_or_refuse_naming_file_and_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fleet.key");
+        std::fs::write(&p, "x").unwrap();
+        let set = |m| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        set(0o600);
+        assert!(check_key_file(&p, KeyPermissions::Refuse)
+            .unwrap()
+            .is_none());
+        set(0o400);
+        assert!(check_key_file(&p, KeyPermissions::Refuse)
+            .unwrap()
+            .is_none());
+        set(0o640);
+        let w = check_key_file(&p, KeyPermissions::Warn).unwrap().unwrap();
+        assert!(w.contains("fleet.key") && w.contains("0640"), "{w}");
+        set(0o604);
+        let e = check_key_file(&p, KeyPermissions::Refuse).unwrap_err();
+        assert!(matches!(
+            e,
+            CredentialsError::LoosePermissions { mode: 0o604, .. }
+        ));
+        assert!(e.to_string().contains("0604"), "{e}");
+    }
 }

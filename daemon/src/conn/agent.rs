@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use presence_proto::{self as protocol, ErrorCode, Frame, ProtocolError, TOKEN_LEN};
+use presence_proto::{self as protocol, ErrorCode, FleetKey, Frame, ProtocolError, TOKEN_LEN};
 
 use crate::presence::table::GoneReason;
 use crate::tls::record::AlertDescription;
@@ -123,10 +123,66 @@ impl Outcome {
     }
 }
 
-/// What the rules need from outside: the fleet key, the configured
+/// What the credentials say about a HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloAuth {
+    /// The token verifies against fleet key number `key` (configuration order).
+    Accepted { key: usize },
+    /// The token verifies against no configured fleet key.
+    BadToken,
+    /// The agent id is on the deny-list (`auth.revoked`), whatever its token.
+    Revoked,
+}
+
+/// The credential rule of HELLO: a revoked id is refused whatever its
+/// token; otherwise the token must verify against one of `keys`. Each check
+/// is constant time, and every key is tried whichever matched, so the time
+/// taken does not tell which key (or whether any) matched.
+pub fn authenticate<'a>(
+    keys: impl IntoIterator<Item = &'a FleetKey>,
+    revoked: bool,
+    id: &[u8],
+    token: &[u8; TOKEN_LEN],
+) -> HelloAuth {
+    let mut matched = None;
+    for (i, k) in keys.into_iter().enumerate() {
+        if k.verify(id, token) && matched.is_none() {
+            matched = Some(i);
+        }
+    }
+    match (revoked, matched) {
+        (true, _) => HelloAuth::Revoked,
+        (false, Some(key)) => HelloAuth::Accepted { key },
+        (false, None) => HelloAuth::BadToken,
+    }
+}
+
+/// The deny-list file format (`auth.revoked`): one agent id per line;
+/// surrounding blanks are ignored, and so are empty lines and lines whose
+/// first non-blank character is `#`.
+pub fn parse_revoked(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// How a live session of an agent revoked by a reload ends: ERROR 2, and
+/// offline with reason `revoked` (no grace).
+pub fn revoked_ending() -> Ending {
+    Ending::new(
+        GoneReason::Revoked,
+        Some((
+            ErrorCode::AuthenticationFailed,
+            "agent id is revoked".into(),
+        )),
+    )
+}
+
+/// What the rules need from outside: the credentials, the configured
 /// interval, and randomness for session ids.
 pub trait Context {
-    fn verify_token(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> bool;
+    /// Check a HELLO's id and token (see [`authenticate`]).
+    fn authenticate(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> HelloAuth;
     fn heartbeat_interval_ms(&self) -> u32;
     fn new_session_id(&mut self) -> u64;
 }
@@ -166,15 +222,17 @@ pub fn on_event(phase: Phase, event: SessionEvent, ctx: &mut impl Context) -> Ou
     };
     match (phase, frame) {
         (Phase::AwaitHello, Frame::Hello { id, token, .. }) => {
-            if !ctx.verify_token(&id, &token) {
+            let refused = match ctx.authenticate(&id, &token) {
+                HelloAuth::Accepted { .. } => None,
+                HelloAuth::BadToken => Some("token does not match the agent id"),
+                HelloAuth::Revoked => Some("agent id is revoked"),
+            };
+            if let Some(msg) = refused {
                 return Outcome::frame(
                     None,
                     Effect::End(Ending::new(
                         GoneReason::Disconnect,
-                        Some((
-                            ErrorCode::AuthenticationFailed,
-                            "token does not match the agent id".into(),
-                        )),
+                        Some((ErrorCode::AuthenticationFailed, msg.into())),
                     )),
                 );
             }
@@ -331,8 +389,8 @@ mod tests {
     }
 
     impl Context for Ctx {
-        fn verify_token(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> bool {
-            key().verify(id, token)
+        fn authenticate(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> HelloAuth {
+            authenticate([&key()], id == b"revoked-1", id, token)
         }
         fn heartbeat_interval_ms(&self) -> u32 {
             30_000
@@ -689,5 +747,69 @@ mod tests {
         ] {
             assert!(on_event(phase, SessionEvent::Frame(f), &mut ctx()).seen);
         }
+    }
+
+    #[test]
+    fn any_configured_key_verifies_and_the_matching_one_is_named() {
+        let old = FleetKey::from_bytes([1; 32]);
+        let new = FleetKey::from_bytes([2; 32]);
+        let other = FleetKey::from_bytes([3; 32]);
+        let id = b"host-07";
+        assert_eq!(
+            authenticate([&old, &new], false, id, &old.token(id)),
+            HelloAuth::Accepted { key: 0 }
+        );
+        assert_eq!(
+            authenticate([&old, &new], false, id, &new.token(id)),
+            HelloAuth::Accepted { key: 1 }
+        );
+        assert_eq!(
+            authenticate([&old, &new], false, id, &other.token(id)),
+            HelloAuth::BadToken
+        );
+        // A token for another id never verifies.
+        assert_eq!(
+            authenticate([&old, &new], false, id, &new.token(b"host-08")),
+            HelloAuth::BadToken
+        );
+        // No key at all: nothing verifies.
+        assert_eq!(
+            authenticate([], false, id, &new.token(id)),
+            HelloAuth::BadToken
+        );
+        // Revoked wins over a valid token.
+        assert_eq!(
+            authenticate([&old, &new], true, id, &new.token(id)),
+            HelloAuth::Revoked
+        );
+    }
+
+    #[test]
+    fn revoked_hello_is_error_2_with_its_reason() {
+        let id = "revoked-1";
+        let (phase, outs) = run(Phase::AwaitHello, &hello(id).to_bytes());
+        assert_eq!(phase, Phase::AwaitHello);
+        let (code, msg) = error_of(&outs[0]);
+        assert_eq!(code, ErrorCode::AuthenticationFailed);
+        assert!(msg.contains("revoked"), "{msg}");
+        assert_eq!(ending(&outs[0]).reason, GoneReason::Disconnect);
+    }
+
+    #[test]
+    fn revoked_session_ends_with_error_2_and_reason_revoked() {
+        let e = revoked_ending();
+        assert_eq!(e.reason, GoneReason::Revoked);
+        assert_eq!(e.close, Close::Goodbye);
+        assert_eq!(
+            e.error.as_ref().map(|(c, _)| *c),
+            Some(ErrorCode::AuthenticationFailed)
+        );
+    }
+
+    #[test]
+    fn revoked_file_lines_and_comments() {
+        let text = "# revoked 2026-12-01\nhost-01\n  host-02  \n\n   # host-03\nhost-04\r\n";
+        let ids: Vec<&str> = parse_revoked(text).collect();
+        assert_eq!(ids, ["host-01", "host-02", "host-04"]);
     }
 }

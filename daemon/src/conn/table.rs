@@ -165,8 +165,8 @@ fn untoken(t: u64) -> (usize, u32) {
 struct RuntimeContext<'a>(&'a Runtime);
 
 impl agent::Context for RuntimeContext<'_> {
-    fn verify_token(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> bool {
-        self.0.verify_token(id, token)
+    fn authenticate(&self, id: &[u8], token: &[u8; TOKEN_LEN]) -> agent::HelloAuth {
+        self.0.authenticate(id, token)
     }
     fn heartbeat_interval_ms(&self) -> u32 {
         self.0.config.presence.heartbeat_interval.as_millis() as u32
@@ -511,6 +511,29 @@ impl ConnTable {
             });
         }
         // `s.fd` closes here.
+    }
+
+    /// Close every session whose agent `creds` revokes: ERROR 2, then
+    /// offline with reason `revoked` (see [`agent::revoked_ending`]).
+    pub fn revoke(&self, creds: &crate::shared::Credentials, fx: &mut Effects) {
+        let doomed: Vec<(usize, u32)> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.phase == Phase::Session)
+            .filter_map(|(key, e)| match &e.kind {
+                Kind::Session(s) => s
+                    .agent
+                    .as_deref()
+                    .filter(|id| creds.is_revoked(id.as_bytes()))
+                    .map(|_| (key, e.gen)),
+                _ => None,
+            })
+            .collect();
+        let ending = agent::revoked_ending();
+        for (key, gen) in doomed {
+            self.end_session(key, gen, &ending, fx);
+        }
     }
 
     /// Deliver a command to a connection, whatever its phase.

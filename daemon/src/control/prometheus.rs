@@ -289,6 +289,7 @@ pub fn render(stats: &Stats) -> String {
     }
     families.extend(breakdown_families(stats));
     families.extend(reload_families(stats));
+    families.extend(auth_families(stats));
     families.extend(latency_families(stats));
     let mut out = String::with_capacity(8192 + stats.per_shard.len() * 4096);
     for f in &families {
@@ -479,6 +480,27 @@ fn breakdown_families(stats: &Stats) -> Vec<Family> {
         );
     }
     vec![hs_total, hs_shard, err_total, err_shard, events]
+}
+
+/// Credentials: HELLOs accepted per fleet key, revoked ids configured.
+fn auth_families(stats: &Stats) -> Vec<Family> {
+    let mut by_key = Family::new(
+        "hellos_by_fleet_key_total",
+        "counter",
+        "HELLOs accepted, by the fleet key (file name) their token verified against.",
+    );
+    for (key, v) in &stats.auth.fleet_keys_used {
+        by_key.push(vec![("key", key.clone())], v.to_string());
+    }
+    vec![
+        by_key,
+        Family::single(
+            "revoked_agents",
+            "gauge",
+            "Agent ids on the deny-list (auth.revoked) in service.",
+            Some(stats.auth.revoked_agents),
+        ),
+    ]
 }
 
 /// Reloads of certificate, key and fleet key.

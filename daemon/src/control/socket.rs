@@ -534,7 +534,10 @@ pub fn reload(shard: &Shard, notify: Notifier) -> Result<(), ReloadError> {
         reason: e.to_string(),
     });
     match &r {
-        Ok(()) => info!("reloaded certificate, key and fleet key"),
+        Ok(()) => {
+            info!("reloaded certificate, key, fleet keys and deny-list");
+            shard.revoke_everywhere();
+        }
         Err(e) => warn!("reload failed, keeping the previous certificate and keys: {e}"),
     }
     (notify.reloaded)(if r.is_ok() {

@@ -71,6 +71,8 @@ pub struct Stats {
     pub events_next_seq: u64,
     pub events_oldest_seq: u64,
     pub reload: ReloadStatus,
+    /// Credentials in service: HELLOs per fleet key, revoked ids.
+    pub auth: AuthStats,
     /// `notAfter` of the serving certificate, Unix ms (None: unknown).
     pub tls_cert_not_after_ms: Option<u64>,
     pub record_layer: String,
@@ -89,6 +91,16 @@ pub struct Stats {
     pub per_shard: Vec<ShardSnapshot>,
 }
 
+/// `stats.auth`: which fleet key agents use, and the deny-list size.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AuthStats {
+    /// HELLOs accepted since start, per configured fleet key (by file
+    /// name): when an old key's count stops growing it can be removed.
+    pub fleet_keys_used: BTreeMap<String, u64>,
+    /// Agent ids on the deny-list in service.
+    pub revoked_agents: u64,
+}
+
 /// The figures that are not per shard, read on the event shard.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessFigures {
@@ -102,6 +114,7 @@ pub struct ProcessFigures {
     pub events_oldest_seq: u64,
     pub events_by_reason: BTreeMap<String, u64>,
     pub reload: ReloadStatus,
+    pub auth: AuthStats,
     pub tls_cert_not_after_ms: Option<u64>,
     pub record_layer: String,
     pub guard: Option<GuardStatus>,
@@ -148,6 +161,7 @@ impl Stats {
             events_next_seq: p.events_next_seq,
             events_oldest_seq: p.events_oldest_seq,
             reload: p.reload,
+            auth: p.auth,
             tls_cert_not_after_ms: p.tls_cert_not_after_ms,
             record_layer: p.record_layer,
             events_by_reason: p.events_by_reason,
@@ -216,6 +230,13 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
         events_oldest_seq,
         events_by_reason,
         reload: rt.reload_status(),
+        auth: {
+            let creds = rt.credentials();
+            AuthStats {
+                fleet_keys_used: creds.keys_used(),
+                revoked_agents: creds.revoked_count() as u64,
+            }
+        },
         tls_cert_not_after_ms: rt.cert_not_after_ms(),
         record_layer: rt
             .record_layer
@@ -303,6 +324,7 @@ mod tests {
             "tickets",
             "state",
             "reload",
+            "auth",
             "tls_cert_not_after_ms",
             "rss_bytes",
             "heap_bytes",

@@ -132,7 +132,7 @@ mod tests {
         let (ticketer, _) =
             crate::tls::tickets::PersistentTicketer::open(&d.path().join("state")).unwrap();
         crate::tls::config::server_config(&cfg.tls.cert, &cfg.tls.key, &ticketer).unwrap();
-        FleetKey::load(&cfg.auth.fleet_key).unwrap();
+        FleetKey::load(cfg.auth.fleet_key.as_ref().unwrap()).unwrap();
         assert!(matches!(
             dev_init(d.path(), false),
             Err(DevInitError::Exists(_))

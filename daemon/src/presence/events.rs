@@ -14,21 +14,26 @@ use crate::presence::table::Transition;
 /// event shard's files (`events.seq`, `guard.held`).
 pub const EVENT_SHARD: usize = 0;
 
-/// Reasons an event can carry, by their one-byte code.
-const REASONS: [&str; 6] = [
+/// Reasons an event can carry, by their one-byte code (new reasons are
+/// appended: codes never change).
+const REASONS: [&str; 7] = [
     "hello",
     "bye",
     "timeout",
     "disconnect",
     "not_reconnected",
     "unknown",
+    "revoked",
 ];
+
+/// The code of `"unknown"`.
+const UNKNOWN: u8 = 5;
 
 fn reason_code(r: &str) -> u8 {
     REASONS
         .iter()
         .position(|x| *x == r)
-        .unwrap_or(REASONS.len() - 1) as u8
+        .map_or(UNKNOWN, |i| i as u8)
 }
 
 /// One presence event as the ring keeps it (40 bytes + the agent id).
@@ -64,7 +69,10 @@ impl Event {
     }
 
     pub fn reason(&self) -> &'static str {
-        REASONS[usize::from(self.reason).min(REASONS.len() - 1)]
+        REASONS
+            .get(usize::from(self.reason))
+            .copied()
+            .unwrap_or(REASONS[usize::from(UNKNOWN)])
     }
 
     /// One JSON line, newline included.

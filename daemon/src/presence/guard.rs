@@ -316,6 +316,10 @@ impl MassOfflineGuard {
         if t.reason == "bye" && !self.cfg.hold_bye {
             return Verdict::Publish;
         }
+        // A revocation is the operator's decision, never a network artefact.
+        if t.reason == "revoked" {
+            return Verdict::Publish;
+        }
         if !(self.drop_feed && t.reason == "disconnect") {
             self.window.add(now_ms, 1);
         }

@@ -53,6 +53,8 @@ pub enum GoneReason {
     Disconnect,
     /// The daemon is shutting down or handing the connection over: no event.
     Shutdown,
+    /// A reload put the agent id on the deny-list: offline now, no grace.
+    Revoked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -83,6 +85,8 @@ pub enum OfflineReason {
     Disconnect,
     /// Presumed online after a restart, and not back within restart_grace.
     NotReconnected,
+    /// A reload put the agent id on the deny-list (`auth.revoked`).
+    Revoked,
 }
 
 impl OfflineReason {
@@ -92,6 +96,7 @@ impl OfflineReason {
             OfflineReason::Timeout => "timeout",
             OfflineReason::Disconnect => "disconnect",
             OfflineReason::NotReconnected => "not_reconnected",
+            OfflineReason::Revoked => "revoked",
         }
     }
 }
@@ -264,6 +269,10 @@ impl PresenceTable {
                 self.online -= 1;
                 offline(rec, OfflineReason::Timeout)
             }
+            GoneReason::Revoked => {
+                self.online -= 1;
+                offline(rec, OfflineReason::Revoked)
+            }
             GoneReason::Disconnect => {
                 self.online -= 1;
                 self.in_grace += 1;
@@ -319,6 +328,7 @@ impl PresenceTable {
                 Some("bye") => Some(OfflineReason::Bye),
                 Some("timeout") => Some(OfflineReason::Timeout),
                 Some("not_reconnected") => Some(OfflineReason::NotReconnected),
+                Some("revoked") => Some(OfflineReason::Revoked),
                 Some(_) => Some(OfflineReason::Disconnect),
                 None => None,
             };

@@ -20,7 +20,6 @@ use crate::config::Config;
 use crate::process::listen::{bind_listeners, ListenError};
 use crate::shard;
 use crate::shared::Runtime;
-use presence_proto::FleetKey;
 
 /// Messages a shard may queue towards one peer before the sender waits.
 const MESH_CHANNEL_SIZE: usize = 4096;
@@ -39,7 +38,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::config::TlsError),
     #[error(transparent)]
-    Auth(#[from] presence_proto::FleetKeyError),
+    Auth(#[from] crate::shared::CredentialsError),
     #[error(transparent)]
     Control(#[from] crate::control::socket::ControlError),
     #[error("session ticket keys: {0}")]
@@ -96,7 +95,7 @@ pub fn prepare(
 /// TLS configuration, session ticket keys and fleet key, loaded and checked.
 pub struct Material {
     pub tls: Arc<rustls::ServerConfig>,
-    pub fleet_key: FleetKey,
+    pub credentials: crate::shared::Credentials,
     pub ticketer: Arc<crate::tls::tickets::PersistentTicketer>,
     /// The leaf certificate's `notAfter`, Unix seconds.
     pub cert_not_after_s: i64,
@@ -112,6 +111,7 @@ impl Material {
         config: &Config,
         handed: Option<crate::tls::tickets::TicketKeys>,
     ) -> Result<Self, ServerError> {
+        crate::shared::check_key_files(config)?;
         let ticketer = open_ticketer(&config.state.dir, handed)?;
         let (tls, cert_not_after_s) = crate::tls::config::server_config_with_expiry(
             &config.tls.cert,
@@ -120,7 +120,7 @@ impl Material {
         )?;
         Ok(Self {
             tls,
-            fleet_key: FleetKey::load(&config.auth.fleet_key)?,
+            credentials: crate::shared::Credentials::load(config, None)?,
             ticketer,
             cert_not_after_s,
         })
@@ -202,14 +202,14 @@ pub fn assemble(
 ) -> Result<Prepared, ServerError> {
     let Material {
         tls,
-        fleet_key,
+        credentials,
         ticketer,
         cert_not_after_s,
     } = material;
     let mut runtime = Runtime::new(
         config,
         tls,
-        fleet_key,
+        credentials,
         ticketer,
         listen,
         shutdown,

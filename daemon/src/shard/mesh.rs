@@ -66,6 +66,9 @@ pub enum ShardMsg {
         info: AgentInfo,
         reply: oneshot::Sender<Option<AgentInfo>>,
     },
+    /// Control -> every shard, after a reload: close the sessions of
+    /// agents the deny-list in service now holds (ERROR 2, reason `revoked`).
+    Revoke,
     /// Control -> every shard.
     Stats {
         reply: oneshot::Sender<ShardSnapshot>,

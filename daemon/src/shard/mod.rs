@@ -200,6 +200,12 @@ impl Shard {
             ShardMsg::Stats { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            ShardMsg::Revoke => {
+                let creds = self.rt.credentials();
+                if creds.revoked_count() > 0 {
+                    self.conn_op(|t, fx| t.revoke(&creds, fx));
+                }
+            }
         }
     }
 
@@ -371,6 +377,13 @@ impl Shard {
             }
         }
         log.borrow_mut().publish(t);
+    }
+
+    /// Tell every shard to close the sessions of revoked agents (after a reload).
+    pub fn revoke_everywhere(&self) {
+        for s in 0..self.nshards {
+            self.router.send(s, ShardMsg::Revoke);
+        }
     }
 
     /// Ask `shard` for its statistics.

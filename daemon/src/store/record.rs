@@ -114,6 +114,7 @@ fn reason_code(r: Option<OfflineReason>) -> u8 {
         Some(OfflineReason::Timeout) => 2,
         Some(OfflineReason::Disconnect) => 3,
         Some(OfflineReason::NotReconnected) => 4,
+        Some(OfflineReason::Revoked) => 5,
     }
 }
 
@@ -124,6 +125,7 @@ fn reason_from_code(c: u8) -> Option<Option<OfflineReason>> {
         2 => Some(OfflineReason::Timeout),
         3 => Some(OfflineReason::Disconnect),
         4 => Some(OfflineReason::NotReconnected),
+        5 => Some(OfflineReason::Revoked),
         _ => return None,
     })
 }
