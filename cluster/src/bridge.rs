@@ -1270,7 +1270,13 @@ impl Bridge {
                             }
                         }
                     }
-                    Err(e) => self.note_failure(e),
+                    Err(e) => {
+                        // A failed node heartbeat does not hold offlines back
+                        // (only failed presence writes do: see `dispatch`).
+                        let held_since = self.last_failure;
+                        self.note_failure(e);
+                        self.last_failure = held_since;
+                    }
                 }
             }
             Done::Sweep(result) => {
@@ -1561,7 +1567,7 @@ async fn maint(ctx: Arc<Ctx>, mut obs: Observations) -> Done {
     // Bounded: a heartbeat whose ack never comes (NATS restarting) must not
     // keep this node from heartbeating for a whole request timeout, or the
     // others would judge it lost while it is fine.
-    let limit = (ctx.cfg.node_heartbeat * 2).max(Duration::from_secs(1));
+    let limit = (ctx.cfg.node_lost_after / 2).max(Duration::from_secs(2));
     let result = match tokio::time::timeout(limit, maint_inner(&ctx, &mut obs)).await {
         Ok(r) => r,
         Err(_) => Err(format!("node heartbeat: no answer within {limit:?}")),

@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::control::prometheus::CONTENT_TYPE;
-
 /// A response write to a scraper that does not read gives up after this.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `metrics` round trip on the control socket gives up after this.
@@ -45,6 +43,9 @@ pub const QUEUE: usize = 16;
 pub const MAX_HEAD: usize = 8192;
 /// Largest control-socket reply accepted (the text for 1024 shards is < 8 MiB).
 const MAX_REPLY: u64 = 64 << 20;
+
+/// The `Content-Type` of the Prometheus text exposition (control/prometheus.rs).
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Connections the endpoint closed because of its bounds: the worker queue
 /// was full (answered 503), or no complete request head arrived within

@@ -20,9 +20,6 @@ use std::fmt::Write;
 
 use crate::control::stats::{LatencySummary, ShardSnapshot, Stats};
 
-/// The `Content-Type` of the text this module renders.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// A figure every shard reports, emitted as a daemon-wide family and a
 /// per-shard one.
 struct Figure {
