@@ -175,6 +175,7 @@ impl Shard {
                 );
                 self.after_gone(&id, session);
                 if let Some(t) = t {
+                    self.cluster_offline(&t, false);
                     self.publish(t);
                 }
             }
@@ -212,6 +213,11 @@ impl Shard {
                 d.record(id, rec);
             }
         }
+        if let Some(c) = &self.rt.cluster {
+            // Every accepted HELLO (also a supersede or a silent return).
+            c.handle
+                .online(id.as_bytes(), c.session_of(session, c.epoch), ts);
+        }
         if let Some(old) = out.supersede {
             self.router
                 .send(old.shard as usize, ShardMsg::Supersede { conn: old });
@@ -219,6 +225,24 @@ impl Shard {
         if let Some(t) = out.transition {
             self.publish(t);
         }
+    }
+
+    /// Owner: tell the cluster that the session of `t.agent` ended (the
+    /// record still names it). `presumed`: a session of the previous boot.
+    fn cluster_offline(&self, t: &Transition, presumed: bool) {
+        let Some(c) = &self.rt.cluster else {
+            return;
+        };
+        let Some(rec) = self.presence.borrow().get(&t.agent).map(|r| r.session) else {
+            return;
+        };
+        let epoch = if presumed { c.prev_epoch } else { c.epoch };
+        c.handle.offline(
+            t.agent.as_bytes(),
+            c.session_of(rec, epoch),
+            t.reason,
+            t.ts_ms,
+        );
     }
 
     /// Owner: count a drop into grace and keep the record on disk.
@@ -417,6 +441,9 @@ impl Shard {
         let now = Instant::now();
         let wall = crate::shared::wall_ms();
         self.presence.borrow_mut().expire(now, wall, transitions);
+        for t in transitions.iter() {
+            self.cluster_offline(t, false);
+        }
         if let Some(d) = self.durable.get() {
             for t in d.expire_presumed(wall) {
                 let forced = self.presence.borrow_mut().force_offline(
@@ -424,6 +451,9 @@ impl Shard {
                     crate::presence::table::OfflineReason::NotReconnected,
                     wall,
                 );
+                if let Some(f) = &forced {
+                    self.cluster_offline(f, true);
+                }
                 transitions.extend(forced);
             }
             let presence = self.presence.borrow();
