@@ -75,12 +75,40 @@ pub fn session_accept_ms(session: u64) -> u64 {
 
 /// What the daemon's hooks read on the bridge thread: kept current by the
 /// event shard, never waited for.
-#[derive(Default)]
 pub struct ClusterShared {
     /// The mass-offline guard is active (or holds offlines).
     pub guard_active: AtomicBool,
-    /// Agents this node considers online, refreshed by the event shard.
-    pub snapshot: Mutex<Option<Vec<presence_cluster::LocalAgent>>>,
+    /// Shards whose part the snapshot needs.
+    pub shards: usize,
+    /// Agents each owner shard considers online, refreshed by that shard
+    /// every [`CLUSTER_SNAPSHOT_EVERY_MS`] (one slot per shard).
+    pub parts: Mutex<std::collections::HashMap<usize, Vec<presence_cluster::LocalAgent>>>,
+    /// Connections of each shard, refreshed with its part.
+    pub connections: Mutex<std::collections::HashMap<usize, u64>>,
+}
+
+/// How often each owner shard refreshes its part of the local snapshot.
+pub const CLUSTER_SNAPSHOT_EVERY_MS: u64 = 2000;
+
+impl ClusterShared {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            guard_active: AtomicBool::new(false),
+            shards,
+            parts: Mutex::new(std::collections::HashMap::new()),
+            connections: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Every shard's part, or None until each shard gave one (a partial
+    /// snapshot would make a reconciliation end agents that are online).
+    pub fn snapshot(&self) -> Option<Vec<presence_cluster::LocalAgent>> {
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        if parts.len() < self.shards {
+            return None;
+        }
+        Some(parts.values().flatten().cloned().collect())
+    }
 }
 
 /// The daemon's answers to the bridge: sweeps are deferred while the local
@@ -102,11 +130,7 @@ impl presence_cluster::ClusterHooks for DaemonHooks {
     }
 
     fn local_snapshot(&self) -> Option<Vec<presence_cluster::LocalAgent>> {
-        self.0
-            .snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.0.snapshot()
     }
 }
 

@@ -261,7 +261,7 @@ fn start_cluster(config: &Config, took_over: bool) -> Option<crate::shared::Clus
     let boot_ms = crate::shared::wall_ms();
     let (epoch, prev_epoch) = boot_epoch(&config.state.dir, boot_ms, took_over);
     let node_id = cfg.node_id.clone();
-    let shared = Arc::new(crate::shared::ClusterShared::default());
+    let shared = Arc::new(crate::shared::ClusterShared::new(config.shard_count()));
     let hooks = Arc::new(crate::shared::DaemonHooks(shared.clone()));
     let node = presence_cluster::NodeInfo {
         node_id: node_id.clone(),

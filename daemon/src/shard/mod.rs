@@ -71,6 +71,8 @@ pub struct Shard {
     pub guard: Option<RefCell<MassOfflineGuard>>,
     fleet: RefCell<Vec<u64>>,
     last_held_saved: Cell<usize>,
+    /// Wall ms of the last refresh of this shard's cluster snapshot part.
+    cluster_refreshed: Cell<u64>,
     /// The listening descriptor while this shard accepts (-1 otherwise).
     listen_fd: Cell<i32>,
     /// A live hand-over committed: this process is on its way out.
@@ -468,6 +470,7 @@ impl Shard {
             self.publish(t);
         }
         self.send_fleet();
+        self.cluster_tick(wall);
         if let Some(g) = &self.guard {
             let fleet = self.fleet.borrow().iter().sum::<u64>();
             let released = g.borrow_mut().tick(wall, fleet);
@@ -475,6 +478,62 @@ impl Shard {
                 self.publish_here(h.to_transition());
             }
             self.save_held_if_changed();
+        }
+    }
+
+    /// Cluster mode: refresh this shard's part of the local snapshot every
+    /// few seconds; the event shard also gives the bridge the node's counts
+    /// and the guard's state (read by the node-lost gate).
+    fn cluster_tick(&self, wall: u64) {
+        let Some(c) = &self.rt.cluster else {
+            return;
+        };
+        if wall.saturating_sub(self.cluster_refreshed.get())
+            >= crate::shared::CLUSTER_SNAPSHOT_EVERY_MS
+        {
+            self.cluster_refreshed.set(wall);
+            let part: Vec<_> = self
+                .presence
+                .borrow()
+                .iter()
+                .filter(|(_, r)| r.state != crate::presence::table::State::Offline)
+                .map(|(id, r)| {
+                    // Online without a connection: presumed online since
+                    // the previous boot.
+                    let presumed =
+                        r.state == crate::presence::table::State::Online && r.conn.is_none();
+                    let epoch = if presumed { c.prev_epoch } else { c.epoch };
+                    presence_cluster::LocalAgent {
+                        id: id.as_bytes().to_vec(),
+                        session: c.session_of(r.session, epoch),
+                    }
+                })
+                .collect();
+            c.shared
+                .parts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.id, part);
+            c.shared
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.id, self.table.counts().0);
+        }
+        if let Some(g) = &self.guard {
+            let g = g.borrow();
+            c.shared
+                .guard_active
+                .store(g.is_active() || g.held_len() > 0, Ordering::Relaxed);
+            let agents = self.fleet.borrow().iter().sum::<u64>();
+            let connections = c
+                .shared
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .sum();
+            c.handle.set_local_counts(agents, connections);
         }
     }
 
@@ -726,6 +785,7 @@ async fn boot(
         }),
         fleet: RefCell::new(vec![0; nshards]),
         last_held_saved: Cell::new(0),
+        cluster_refreshed: Cell::new(0),
         listen_fd: Cell::new(-1),
         released: Cell::new(false),
         admission: Admission::default(),
