@@ -81,6 +81,8 @@ pub struct Stats {
     pub guard: Option<GuardStatus>,
     pub rss_bytes: Option<u64>,
     pub heap_bytes: Option<u64>,
+    /// Cluster mode: the NATS bridge's counters (None: standalone).
+    pub cluster: Option<presence_cluster::ClusterStats>,
     pub per_shard: Vec<ShardSnapshot>,
 }
 
@@ -102,6 +104,7 @@ pub struct ProcessFigures {
     pub guard: Option<GuardStatus>,
     pub rss_bytes: Option<u64>,
     pub heap_bytes: Option<u64>,
+    pub cluster: Option<presence_cluster::ClusterStats>,
 }
 
 impl Stats {
@@ -151,6 +154,7 @@ impl Stats {
             guard: p.guard,
             rss_bytes: p.rss_bytes,
             heap_bytes: p.heap_bytes,
+            cluster: p.cluster,
             per_shard,
         }
     }
@@ -219,6 +223,7 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
             .map(|g| g.borrow().status(crate::shared::wall_ms())),
         rss_bytes: rss_bytes(),
         heap_bytes: heap_bytes(),
+        cluster: rt.cluster.as_ref().map(|c| c.handle.stats()),
     }
 }
 
@@ -293,11 +298,13 @@ mod tests {
             "tls_cert_not_after_ms",
             "rss_bytes",
             "heap_bytes",
+            "cluster",
             "per_shard",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
         assert_eq!(json["per_shard"][1]["shard"], 1);
         assert!(json["guard"].is_null());
+        assert!(json["cluster"].is_null(), "standalone: cluster is null");
     }
 }
