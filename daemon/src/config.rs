@@ -297,7 +297,10 @@ impl Config {
             }
         }
         if let Some(c) = cfg.cluster.as_mut() {
-            for p in [c.nats_creds.as_mut(), c.nats_ca.as_mut()].into_iter().flatten() {
+            for p in [c.nats_creds.as_mut(), c.nats_ca.as_mut()]
+                .into_iter()
+                .flatten()
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }

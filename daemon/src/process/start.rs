@@ -249,7 +249,10 @@ fn boot_epoch(state_dir: &std::path::Path, boot_ms: u64, took_over: bool) -> (u6
     let prev = prev.unwrap_or(0);
     let epoch = prev.saturating_add(1).max(boot_ms);
     if let Err(e) = crate::store::fs::write_private(&path, format!("{epoch}\n").as_bytes()) {
-        tracing::warn!("cluster: cannot keep the boot epoch in {}: {e}", path.display());
+        tracing::warn!(
+            "cluster: cannot keep the boot epoch in {}: {e}",
+            path.display()
+        );
     }
     (epoch, prev)
 }
