@@ -125,7 +125,10 @@ async fn move_within_grace_is_silent_and_bye_is_one_offline() {
     let evs = events(&js).await;
     let mine = of(&evs, "mover.01@x");
     assert_eq!(mine.len(), 1, "only the first online: {mine:?}");
-    assert_eq!((mine[0].state.as_str(), mine[0].node.as_str()), ("online", "node-a"));
+    assert_eq!(
+        (mine[0].state.as_str(), mine[0].node.as_str()),
+        ("online", "node-a")
+    );
 
     // (b) leaves for good with BYE: exactly one offline, in KV and stream.
     let (mut c3, _) = a.agent("leaver").await;
@@ -166,7 +169,10 @@ async fn kill9_node_sweeps_exactly_the_agents_that_did_not_come_back() {
         on_a.push(a.agent(id).await.0);
     }
     for id in &ids {
-        wait_kv(&kv, id, 10 * SECOND, |v| v.is_online() && v.node == "node-a").await;
+        wait_kv(&kv, id, 10 * SECOND, |v| {
+            v.is_online() && v.node == "node-a"
+        })
+        .await;
     }
     a.kill9();
     drop(on_a);
@@ -180,7 +186,10 @@ async fn kill9_node_sweeps_exactly_the_agents_that_did_not_come_back() {
     // node_lost_after is 3s: the rest are swept by B.
     for id in &ids[BACK..] {
         let v = wait_kv(&kv, id, 20 * SECOND, |v| !v.is_online()).await;
-        assert_eq!((v.reason.as_str(), v.node.as_str()), ("node_lost", "node-a"));
+        assert_eq!(
+            (v.reason.as_str(), v.node.as_str()),
+            ("node_lost", "node-a")
+        );
     }
     tokio::time::sleep(SECOND).await;
     for id in &ids[..BACK] {
@@ -228,7 +237,10 @@ async fn presencectl_cluster_and_stats_key() {
         if nodes.len() == 2 && a_row.is_some_and(|n| n["agents"] == 1 && n["alive"] == true) {
             break v;
         }
-        assert!(Instant::now() < deadline, "cluster never showed both: {v:#}");
+        assert!(
+            Instant::now() < deadline,
+            "cluster never showed both: {v:#}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(v["node_id"], "node-b");

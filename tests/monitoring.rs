@@ -343,10 +343,7 @@ async fn dashboard_and_rules_use_only_metrics_the_daemon_exports() {
     let mut used = metric_names(&dashboard().to_string());
     used.extend(metric_names(&rules_text()));
     assert!(used.len() > 30, "{used:?}");
-    let missing: Vec<&String> = used
-        .iter()
-        .filter(|n| !exported.contains(*n))
-        .collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
     assert!(
         missing.is_empty(),
         "used in contrib/ but not exported by the daemon: {missing:?}"

@@ -194,7 +194,10 @@ restart_grace = "{restart_grace}"
         extra = format!(
             "{}{}",
             o.extra,
-            o.cluster.as_ref().map(ClusterOptions::toml).unwrap_or_default()
+            o.cluster
+                .as_ref()
+                .map(ClusterOptions::toml)
+                .unwrap_or_default()
         ),
     )
 }
