@@ -156,6 +156,11 @@ pub struct Daemon {
 }
 
 pub fn config_text(o: &Options) -> String {
+    let cluster = o
+        .cluster
+        .as_ref()
+        .map(ClusterOptions::toml)
+        .unwrap_or_default();
     format!(
         r#"[server]
 listen = "{listen}"
@@ -191,15 +196,8 @@ restart_grace = "{restart_grace}"
         ring = o.event_ring_capacity,
         listen = o.listen,
         restart_grace = o.restart_grace,
-        extra = format!(
-            "{}{}",
-            o.extra,
-            o.cluster
-                .as_ref()
-                .map(ClusterOptions::toml)
-                .unwrap_or_default()
-        ),
-    )
+        extra = o.extra,
+    ) + &cluster
 }
 
 impl Daemon {
