@@ -17,17 +17,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use presenced_tests::{Daemon, Options};
+use presence_cluster::fixture::NatsServer;
+use presenced_tests::{ClusterOptions, Daemon, Options};
 use serde_json::Value;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// Metrics the dashboard and the rules use that the daemon does not export
-/// yet: they come with the cluster work (issue 14, documented in
-/// docs/operations.md#dashboards-and-alerts). The integrator removes this
-/// exception once the daemon exports them; the test below fails as soon as
-/// one of them shows up, to say so.
-const NOT_YET_EXPORTED: &[&str] = &[
+/// Metrics the dashboard and the rules use that the daemon exports only in
+/// cluster mode (`[cluster]`, docs/cluster.md): the live-daemon tests below
+/// run their daemon with a cluster section and a real nats-server.
+const CLUSTER_METRICS: &[&str] = &[
     "presenced_cluster_backlog",
     "presenced_cluster_writes_total",
     "presenced_cluster_conflicts_total",
@@ -229,7 +228,7 @@ fn dashboard_layout_is_consistent() {
         "presenced_heap_bytes",
     ]
     .iter()
-    .chain(NOT_YET_EXPORTED)
+    .chain(CLUSTER_METRICS)
     {
         assert!(exprs.contains(needed), "no panel queries {needed}");
     }
@@ -326,32 +325,31 @@ fn metrics_text(d: &Daemon) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_rules_use_only_metrics_the_daemon_exports() {
-    let d = Daemon::start();
+    let nats = NatsServer::start().expect("nats-server");
+    let d = Daemon::start_with(Options {
+        cluster: Some(ClusterOptions::new("monitored", &nats.url())),
+        ..Options::default()
+    });
     // An agent online (a presence event) with heartbeats, so every family
     // that appears only once it has a sample is there.
     let (mut c, _) = d.agent("watched").await;
     c.heartbeat(1).await.unwrap();
     c.heartbeat(2).await.unwrap();
     d.wait_stats(5 * SECOND, |s| s["heartbeats_total"] == 2);
+    // The cluster families appear with the first acknowledged NATS write.
+    d.wait_stats(20 * SECOND, |s| s["cluster"]["last_success_ms"].is_u64());
     let exported = exported_names(&metrics_text(&d));
 
     let mut used = metric_names(&dashboard().to_string());
     used.extend(metric_names(&rules_text()));
     assert!(used.len() > 30, "{used:?}");
-    let missing: Vec<&String> = used
-        .iter()
-        .filter(|n| !exported.contains(*n) && !NOT_YET_EXPORTED.contains(&n.as_str()))
-        .collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
     assert!(
         missing.is_empty(),
         "used in contrib/ but not exported by the daemon: {missing:?}"
     );
-    for name in NOT_YET_EXPORTED {
-        assert!(used.contains(*name), "{name} is allowed but not used");
-        assert!(
-            !exported.contains(*name),
-            "{name} is exported now: remove it from NOT_YET_EXPORTED in tests/monitoring.rs"
-        );
+    for name in CLUSTER_METRICS {
+        assert!(used.contains(*name), "{name} is listed but not used");
     }
 }
 
@@ -569,8 +567,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_evaluates_the_rules_and_every_dashboard_query_on_a_live_daemon() {
     let metrics = free_port();
+    let nats = NatsServer::start().expect("nats-server");
     let d = Daemon::start_with(Options {
         extra: format!("\n[metrics]\nlisten = \"{metrics}\"\n"),
+        cluster: Some(ClusterOptions::new("scraped-node", &nats.url())),
         ..Options::default()
     });
     let Some(prom) = Prometheus::start(metrics) else {
@@ -653,7 +653,8 @@ async fn prometheus_evaluates_the_rules_and_every_dashboard_query_on_a_live_daem
     let left: f64 = left[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert!((left - 10.0 * 86400.0).abs() < 3600.0, "{left}");
 
-    // Every dashboard query runs; all but the cluster ones return data.
+    // Every dashboard query runs and returns data (cluster ones too: the
+    // daemon runs in cluster mode).
     let dash = dashboard();
     let mut queries = vec![("instance variable".to_owned(), "presenced_info".to_owned())];
     for (title, t) in targets(&dash) {
@@ -668,9 +669,6 @@ async fn prometheus_evaluates_the_rules_and_every_dashboard_query_on_a_live_daem
         let result = prom
             .query(&expr)
             .unwrap_or_else(|e| panic!("{title}: {expr}: {e}"));
-        if NOT_YET_EXPORTED.iter().any(|m| expr.contains(m)) {
-            continue;
-        }
         // A trailing `> 0` hides zero series: the unfiltered query has data.
         let data = match expr.strip_suffix(" > 0") {
             Some(unfiltered) => prom.query(unfiltered).unwrap(),

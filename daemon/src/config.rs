@@ -47,6 +47,10 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// `[cluster]`: NATS JetStream cluster mode (absent = standalone);
+    /// keys in `docs/cluster.md`.
+    #[serde(default)]
+    pub cluster: Option<presence_cluster::ClusterConfig>,
 }
 
 /// `[guard]`: the mass-offline guard (see `presence::guard`).
@@ -346,6 +350,16 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(c) = cfg.cluster.as_mut() {
+            for p in [c.nats_creds.as_mut(), c.nats_ca.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -403,6 +417,13 @@ impl Config {
         }
         if let Err(e) = self.guard.validate() {
             return Err(invalid("guard", &e.to_string()));
+        }
+        if let Some(Err(e)) = self.cluster.as_ref().map(|c| c.validate()) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "cluster",
+                reason: e.to_string(),
+            });
         }
         if self.state.flush_interval.is_zero() {
             return Err(invalid("state.flush_interval", "must be greater than 0"));

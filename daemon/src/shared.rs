@@ -238,6 +238,108 @@ pub struct Runtime {
     reload: Mutex<ReloadStatus>,
     /// `notAfter` of the serving leaf certificate, Unix ms (0: unknown).
     cert_not_after_ms: AtomicU64,
+    /// `[cluster]`: the NATS JetStream bridge (None: standalone).
+    pub cluster: Option<ClusterLink>,
+}
+
+/// Bits of a session id below its accept time (random).
+const SESSION_RANDOM_BITS: u32 = 22;
+
+/// A new session id: accept time (Unix ms) in the high 42 bits, 22 random
+/// bits below, so that the cluster [`presence_cluster::SessionId`] of a
+/// session can be derived from the id alone (also after a restart).
+pub fn new_session_id(now_ms: u64) -> u64 {
+    (now_ms << SESSION_RANDOM_BITS) | (rand::random::<u64>() & ((1 << SESSION_RANDOM_BITS) - 1))
+}
+
+/// The accept time (Unix ms) a session id carries.
+pub fn session_accept_ms(session: u64) -> u64 {
+    session >> SESSION_RANDOM_BITS
+}
+
+/// What the daemon's hooks read on the bridge thread: kept current by the
+/// event shard, never waited for.
+pub struct ClusterShared {
+    /// The mass-offline guard is active (or holds offlines).
+    pub guard_active: AtomicBool,
+    /// Shards whose part the snapshot needs.
+    pub shards: usize,
+    /// Agents each owner shard considers online, refreshed by that shard
+    /// every [`CLUSTER_SNAPSHOT_EVERY_MS`] (one slot per shard).
+    pub parts: Mutex<std::collections::HashMap<usize, Vec<presence_cluster::LocalAgent>>>,
+    /// Connections of each shard, refreshed with its part.
+    pub connections: Mutex<std::collections::HashMap<usize, u64>>,
+}
+
+/// How often each owner shard refreshes its part of the local snapshot.
+pub const CLUSTER_SNAPSHOT_EVERY_MS: u64 = 2000;
+
+impl ClusterShared {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            guard_active: AtomicBool::new(false),
+            shards,
+            parts: Mutex::new(std::collections::HashMap::new()),
+            connections: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Every shard's part, or None until each shard gave one (a partial
+    /// snapshot would make a reconciliation end agents that are online).
+    pub fn snapshot(&self) -> Option<Vec<presence_cluster::LocalAgent>> {
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        if parts.len() < self.shards {
+            return None;
+        }
+        Some(parts.values().flatten().cloned().collect())
+    }
+}
+
+/// The daemon's answers to the bridge: sweeps are deferred while the local
+/// guard is active; the snapshot is the event shard's latest mirror.
+pub struct DaemonHooks(pub Arc<ClusterShared>);
+
+impl presence_cluster::ClusterHooks for DaemonHooks {
+    fn node_lost(&self, node: &str, agents: &[Vec<u8>]) -> presence_cluster::SweepVerdict {
+        if self.0.guard_active.load(Ordering::Relaxed) {
+            tracing::warn!(
+                node,
+                agents = agents.len(),
+                "cluster: node-lost sweep deferred: the mass-offline guard is active"
+            );
+            presence_cluster::SweepVerdict::Defer
+        } else {
+            presence_cluster::SweepVerdict::Allow
+        }
+    }
+
+    fn local_snapshot(&self) -> Option<Vec<presence_cluster::LocalAgent>> {
+        self.0.snapshot()
+    }
+}
+
+/// The running bridge and this node's identity.
+pub struct ClusterLink {
+    pub handle: presence_cluster::ClusterHandle,
+    pub node_id: String,
+    /// This process's boot epoch.
+    pub epoch: u64,
+    /// The epoch of the process before this one (sessions presumed online
+    /// after a restart belong to it).
+    pub prev_epoch: u64,
+    pub shared: Arc<ClusterShared>,
+}
+
+impl ClusterLink {
+    /// The cluster session of a local session of epoch `epoch`.
+    pub fn session_of(&self, session: u64, epoch: u64) -> presence_cluster::SessionId {
+        presence_cluster::SessionId::new(
+            session_accept_ms(session),
+            self.node_id.as_str(),
+            epoch,
+            session,
+        )
+    }
 }
 
 /// Outcome of the reloads so far, reported by `stats`.
@@ -279,6 +381,7 @@ impl Runtime {
             shards_ready: AtomicUsize::new(0),
             reload: Mutex::new(ReloadStatus::default()),
             cert_not_after_ms: AtomicU64::new(0),
+            cluster: None,
         }
     }
 

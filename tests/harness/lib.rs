@@ -91,6 +91,37 @@ pub struct Options {
     pub restart_grace: &'static str,
     /// Extra TOML appended verbatim.
     pub extra: String,
+    /// `[cluster]` (None: standalone).
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// `[cluster]` of a test daemon: short node liveness timings.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub node_id: String,
+    pub nats_url: String,
+    pub node_heartbeat: &'static str,
+    pub node_lost_after: &'static str,
+}
+
+impl ClusterOptions {
+    /// Node `node_id` on the NATS server at `nats_url`, heartbeat 200ms,
+    /// lost after 3s.
+    pub fn new(node_id: &str, nats_url: &str) -> Self {
+        Self {
+            node_id: node_id.into(),
+            nats_url: nats_url.into(),
+            node_heartbeat: "200ms",
+            node_lost_after: "3s",
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            "\n[cluster]\nnode_id = \"{}\"\nnats_urls = [\"{}\"]\nnode_heartbeat = \"{}\"\nnode_lost_after = \"{}\"\n",
+            self.node_id, self.nats_url, self.node_heartbeat, self.node_lost_after
+        )
+    }
 }
 
 impl Default for Options {
@@ -106,6 +137,7 @@ impl Default for Options {
             listen: "127.0.0.1:0".into(),
             restart_grace: "120s",
             extra: String::new(),
+            cluster: None,
         }
     }
 }
@@ -124,6 +156,11 @@ pub struct Daemon {
 }
 
 pub fn config_text(o: &Options) -> String {
+    let cluster = o
+        .cluster
+        .as_ref()
+        .map(ClusterOptions::toml)
+        .unwrap_or_default();
     format!(
         r#"[server]
 listen = "{listen}"
@@ -160,7 +197,7 @@ restart_grace = "{restart_grace}"
         listen = o.listen,
         restart_grace = o.restart_grace,
         extra = o.extra,
-    )
+    ) + &cluster
 }
 
 impl Daemon {

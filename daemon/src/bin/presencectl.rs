@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Ping => ping(&cli.socket),
         Cmd::Metrics => metrics(&cli.socket),
         Cmd::Upgrade { binary, json } => upgrade(&cli.socket, binary.as_deref(), *json),
+        Cmd::Cluster { json } => cluster(&cli.socket, *json),
         Cmd::Guard { json, action } => match action {
             None => guard(&cli.socket, *json),
             Some(GuardAction::Release { id, json: j }) => {
@@ -298,6 +299,95 @@ fn guard_release(socket: &Path, id: Option<&str>, json: bool) -> Result<()> {
         ),
     });
     Ok(())
+}
+
+fn cluster(socket: &Path, json: bool) -> Result<()> {
+    let v = request_json(socket, "cluster")?;
+    if json {
+        out(&format!("{v}\n"));
+    } else {
+        out(&cluster_table(&v, now_ms()));
+    }
+    Ok(())
+}
+
+/// `cluster`: this node's bridge, then one row per node.
+fn cluster_table(v: &Value, now: u64) -> String {
+    let st = &v["stats"];
+    let yes = |x: &Value| {
+        if x.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    let mut s = String::new();
+    let mut row = |k: &str, val: String| s.push_str(&format!("{k:<15} {val}\n"));
+    row(
+        "node",
+        format!(
+            "{} (epoch {})",
+            v["node_id"].as_str().unwrap_or("?"),
+            u(&v["epoch"])
+        ),
+    );
+    row(
+        "nats",
+        format!(
+            "connected {}, ready {}, server {}",
+            yes(&v["connected"]),
+            yes(&v["ready"]),
+            st["server_version"].as_str().unwrap_or("-")
+        ),
+    );
+    row(
+        "writes",
+        format!(
+            "{} ({} events, {} conflicts, {} suppressed offlines)",
+            u(&st["writes_total"]),
+            u(&st["events_total"]),
+            u(&st["conflicts_total"]),
+            u(&st["suppressed_offlines_total"])
+        ),
+    );
+    row(
+        "backlog",
+        format!("{} of {}", u(&st["backlog"]), u(&st["backlog_max"])),
+    );
+    row(
+        "publish lag",
+        format!(
+            "p50 {} ms, p99 {} ms, max {} ms",
+            u(&st["publish_lag_ms"]["p50_ms"]),
+            u(&st["publish_lag_ms"]["p99_ms"]),
+            u(&st["publish_lag_ms"]["max_ms"])
+        ),
+    );
+    row("last success", when(&st["last_success_ms"], now));
+    if let Some(e) = st["last_error"].as_str() {
+        row("last error", e.to_owned());
+    }
+    s.push_str(&format!(
+        "\n{:<24} {:<6} {:>8} {:>11} {:>8} {:>8} {:>12}\n",
+        "NODE", "ALIVE", "AGENTS", "CONNECTIONS", "LAG_MS", "BACKLOG", "SEEN"
+    ));
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let mut id = n["node_id"].as_str().unwrap_or("?").to_owned();
+        if n["local"].as_bool() == Some(true) {
+            id.push_str(" *");
+        }
+        s.push_str(&format!(
+            "{:<24} {:<6} {:>8} {:>11} {:>8} {:>8} {:>12}\n",
+            id,
+            yes(&n["alive"]),
+            u(&n["agents"]),
+            u(&n["connections"]),
+            u(&n["publish_lag_ms"]),
+            u(&n["backlog"]),
+            when(&n["ts_ms"], now)
+        ));
+    }
+    s
 }
 
 /// `guard`: status rows, then the held offline events.

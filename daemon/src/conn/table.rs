@@ -172,7 +172,7 @@ impl agent::Context for RuntimeContext<'_> {
         self.0.config.presence.heartbeat_interval.as_millis() as u32
     }
     fn new_session_id(&mut self) -> u64 {
-        rand::random()
+        crate::shared::new_session_id(crate::shared::wall_ms())
     }
 }
 

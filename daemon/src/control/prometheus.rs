@@ -279,6 +279,7 @@ fn shard_label(snap: &ShardSnapshot) -> (&'static str, String) {
 pub fn render(stats: &Stats) -> String {
     let mut families = process_families(stats);
     families.extend(guard_families(stats));
+    families.extend(cluster_families(stats));
     for (figures, kind) in [(GAUGES, "gauge"), (COUNTERS, "counter")] {
         for figure in figures {
             families.extend(figure_families(stats, figure, kind));
@@ -395,6 +396,81 @@ fn guard_families(stats: &Stats) -> Vec<Family> {
             "counter",
             "Held offline events dropped because the agent came back.",
             g.map(|g| g.suppressed_total),
+        ),
+    ]
+}
+
+/// Cluster mode (docs/cluster.md); no samples when standalone.
+fn cluster_families(stats: &Stats) -> Vec<Family> {
+    let c = stats.cluster.as_ref();
+    let flag = |b: bool| if b { "1" } else { "0" };
+    vec![
+        Family::single(
+            "cluster_connected",
+            "gauge",
+            "1 while the NATS bridge is connected to a NATS server.",
+            c.map(|c| flag(c.connected)),
+        ),
+        Family::single(
+            "cluster_ready",
+            "gauge",
+            "1 once the JetStream streams and buckets are verified or created.",
+            c.map(|c| flag(c.ready)),
+        ),
+        Family::single(
+            "cluster_backlog",
+            "gauge",
+            "Agents whose latest intent is not yet written to the PRESENCE bucket.",
+            c.map(|c| c.backlog),
+        ),
+        Family::single(
+            "cluster_writes_total",
+            "counter",
+            "KV writes acknowledged (transitions and silent moves).",
+            c.map(|c| c.writes_total),
+        ),
+        Family::single(
+            "cluster_events_total",
+            "counter",
+            "Events published to PRESENCE_EVENTS.",
+            c.map(|c| c.events_total),
+        ),
+        Family::single(
+            "cluster_conflicts_total",
+            "counter",
+            "CAS conflicts on the PRESENCE bucket (each followed by a re-read).",
+            c.map(|c| c.conflicts_total),
+        ),
+        Family::single(
+            "cluster_suppressed_offlines_total",
+            "counter",
+            "Offlines dropped because the stored session was not the one ending.",
+            c.map(|c| c.suppressed_offlines_total),
+        ),
+        Family::single(
+            "cluster_node_lost_swept_total",
+            "counter",
+            "node_lost offlines written by sweeps this node ran.",
+            c.map(|c| c.node_lost_swept_total),
+        ),
+        Family::single(
+            "cluster_errors_total",
+            "counter",
+            "NATS operations that failed.",
+            c.map(|c| c.errors_total),
+        ),
+        Family::single(
+            "cluster_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last acknowledged NATS write.",
+            c.and_then(|c| c.last_success_ms)
+                .map(|ms| format!("{:.3}", ms as f64 / 1000.0)),
+        ),
+        Family::single(
+            "cluster_publish_lag_p99_seconds",
+            "gauge",
+            "p99 of intent to acknowledged KV write, over the last 1024 writes.",
+            c.map(|c| format!("{:.3}", c.publish_lag_ms.p99_ms as f64 / 1000.0)),
         ),
     ]
 }

@@ -167,6 +167,8 @@ pub fn remove_if_ours(path: &Path, listener_ino: Option<u64>) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     Stats,
+    /// Cluster mode: this node, its bridge and every node it sees.
+    Cluster,
     Agent(String),
     Events {
         from: Option<u64>,
@@ -195,6 +197,7 @@ impl Request {
             Request::Upgrade(_) => "upgrade",
             Request::Guard => "guard",
             Request::GuardRelease(_) => "guard release",
+            Request::Cluster => "cluster",
         }
     }
 
@@ -206,7 +209,8 @@ impl Request {
             | Request::Events { .. }
             | Request::Ping
             | Request::Metrics
-            | Request::Guard => false,
+            | Request::Guard
+            | Request::Cluster => false,
             Request::Reload | Request::Upgrade(_) | Request::GuardRelease(_) => true,
         }
     }
@@ -235,7 +239,25 @@ pub fn authorize(
 }
 
 const USAGE: &str =
-    "try: stats, agent <id>, events [from <seq>], metrics, reload, guard [release [<id>]], upgrade [<binary>], ping";
+    "try: stats, agent <id>, events [from <seq>], metrics, reload, guard [release [<id>]], cluster, upgrade [<binary>], ping";
+
+/// The `cluster` reply (docs/control-socket.md).
+fn cluster(shard: &Shard) -> serde_json::Value {
+    match &shard.rt.cluster {
+        None => json!({"error": "cluster mode is off"}),
+        Some(c) => {
+            let stats = c.handle.stats();
+            json!({
+                "node_id": c.node_id,
+                "epoch": c.epoch,
+                "connected": stats.connected,
+                "ready": stats.ready,
+                "stats": stats,
+                "nodes": c.handle.nodes(),
+            })
+        }
+    }
+}
 
 /// Parse one request line.
 pub fn parse_request(line: &str) -> Result<Request, RequestError> {
@@ -246,6 +268,7 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         ["metrics"] => Ok(Request::Metrics),
         ["reload"] => Ok(Request::Reload),
         ["guard"] => Ok(Request::Guard),
+        ["cluster"] => Ok(Request::Cluster),
         ["guard", "release"] => Ok(Request::GuardRelease(None)),
         ["guard", "release", id] => Ok(Request::GuardRelease(Some((*id).to_owned()))),
         ["upgrade"] => Ok(Request::Upgrade(None)),
@@ -436,6 +459,7 @@ async fn client(shard: Rc<Shard>, mut stream: UnixStream, peer: Option<Peer>, no
             write_bounded(&mut stream, text.as_bytes()).await;
         }
         Request::Guard => reply(&mut stream, &guard(&shard)).await,
+        Request::Cluster => reply(&mut stream, &cluster(&shard)).await,
         Request::GuardRelease(agent) => {
             info!(
                 ?peer,

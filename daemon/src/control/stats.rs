@@ -88,6 +88,8 @@ pub struct Stats {
     /// Connections the metrics HTTP endpoint closed by its bounds (worker
     /// queue full, or no request within its read timeout).
     pub metrics_http_rejected_total: u64,
+    /// Cluster mode: the NATS bridge's counters (None: standalone).
+    pub cluster: Option<presence_cluster::ClusterStats>,
     pub per_shard: Vec<ShardSnapshot>,
 }
 
@@ -121,6 +123,7 @@ pub struct ProcessFigures {
     pub rss_bytes: Option<u64>,
     pub heap_bytes: Option<u64>,
     pub metrics_http_rejected_total: u64,
+    pub cluster: Option<presence_cluster::ClusterStats>,
 }
 
 impl Stats {
@@ -174,6 +177,7 @@ impl Stats {
             rss_bytes: p.rss_bytes,
             heap_bytes: p.heap_bytes,
             metrics_http_rejected_total: p.metrics_http_rejected_total,
+            cluster: p.cluster,
             per_shard,
         }
     }
@@ -251,6 +255,7 @@ fn process_figures(shard: &Shard) -> ProcessFigures {
         heap_bytes: heap_bytes(),
         metrics_http_rejected_total: crate::control::http::REJECTED
             .load(std::sync::atomic::Ordering::Relaxed),
+        cluster: rt.cluster.as_ref().map(|c| c.handle.stats()),
     }
 }
 
@@ -329,11 +334,13 @@ mod tests {
             "rss_bytes",
             "heap_bytes",
             "metrics_http_rejected_total",
+            "cluster",
             "per_shard",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
         assert_eq!(json["per_shard"][1]["shard"], 1);
         assert!(json["guard"].is_null());
+        assert!(json["cluster"].is_null(), "standalone: cluster is null");
     }
 }

@@ -160,6 +160,13 @@ pub mod ctl {
             #[command(subcommand)]
             action: Option<GuardAction>,
         },
+        /// Cluster mode: this node's NATS bridge and every node of the
+        /// cluster (agents, liveness, publish lag, backlog).
+        Cluster {
+            /// Print the daemon's JSON as is.
+            #[arg(long)]
+            json: bool,
+        },
     }
 
     #[derive(Subcommand)]

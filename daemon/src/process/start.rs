@@ -216,6 +216,10 @@ pub fn assemble(
         reload_requested,
     );
     runtime.set_cert_not_after(cert_not_after_s);
+    let took_over = adopted
+        .iter()
+        .any(|a| !a.conns.is_empty() || !a.records.is_empty() || a.events.is_some());
+    runtime.cluster = start_cluster(&runtime.config, took_over);
     runtime.config_path =
         std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
     Ok(Prepared {
@@ -224,6 +228,65 @@ pub fn assemble(
         control,
         adopted,
     })
+}
+
+/// The boot epoch of this node: `max(previous + 1, boot wall ms)`, kept in
+/// `<state dir>/cluster.epoch` (decimal), so it increases across restarts
+/// even if the clock goes back. A process that took over a live hand-over
+/// keeps the previous epoch (same node, same sessions). Returns
+/// `(epoch, previous epoch)`.
+fn boot_epoch(state_dir: &std::path::Path, boot_ms: u64, took_over: bool) -> (u64, u64) {
+    let path = state_dir.join("cluster.epoch");
+    let prev = crate::store::fs::read_optional(&path)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    match prev {
+        Some(p) if took_over => return (p, p),
+        _ => {}
+    }
+    let prev = prev.unwrap_or(0);
+    let epoch = prev.saturating_add(1).max(boot_ms);
+    if let Err(e) = crate::store::fs::write_private(&path, format!("{epoch}\n").as_bytes()) {
+        tracing::warn!(
+            "cluster: cannot keep the boot epoch in {}: {e}",
+            path.display()
+        );
+    }
+    (epoch, prev)
+}
+
+/// `[cluster]`: start the NATS JetStream bridge. It connects in the
+/// background: NATS being unreachable never stops the daemon.
+fn start_cluster(config: &Config, took_over: bool) -> Option<crate::shared::ClusterLink> {
+    let cfg = config.cluster.clone()?;
+    let boot_ms = crate::shared::wall_ms();
+    let (epoch, prev_epoch) = boot_epoch(&config.state.dir, boot_ms, took_over);
+    let node_id = cfg.node_id.clone();
+    let shared = Arc::new(crate::shared::ClusterShared::new(config.shard_count()));
+    let hooks = Arc::new(crate::shared::DaemonHooks(shared.clone()));
+    let node = presence_cluster::NodeInfo {
+        node_id: node_id.clone(),
+        epoch,
+        boot_ms,
+    };
+    match presence_cluster::Cluster::start_with_hooks(cfg, node, hooks) {
+        Ok(handle) => {
+            info!(node = %node_id, epoch, "cluster mode: NATS JetStream bridge started");
+            Some(crate::shared::ClusterLink {
+                handle,
+                node_id,
+                epoch,
+                prev_epoch,
+                shared,
+            })
+        }
+        Err(e) => {
+            tracing::error!("cluster mode off: cannot start the NATS bridge: {e}");
+            None
+        }
+    }
 }
 
 /// kTLS: detected once; the userspace record layer serves either way
@@ -262,6 +325,9 @@ fn start_metrics_endpoint(runtime: &Runtime, took_over: bool) -> Result<(), Serv
         Err(source) => Err(ListenError { addr, source }.into()),
     }
 }
+
+/// How long the bridge may write its kept intents at exit.
+const CLUSTER_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Run one executor per listener until `runtime.shutdown` is raised and every shard has stopped.
 pub fn run(prepared: Prepared) -> Result<(), ServerError> {
@@ -335,6 +401,10 @@ pub fn run(prepared: Prepared) -> Result<(), ServerError> {
         if h.join().is_err() && result.is_ok() {
             result = Err(ServerError::ShardPanicked { shard: id });
         }
+    }
+    if let Some(c) = &runtime.cluster {
+        let r = c.handle.shutdown(CLUSTER_FLUSH_TIMEOUT);
+        info!("cluster: bridge stopped: {r:?}");
     }
     // After a hand-over the path is the new process's: never remove it (its
     // file may even have our old inode number, reused by the filesystem).

@@ -71,6 +71,8 @@ pub struct Shard {
     pub guard: Option<RefCell<MassOfflineGuard>>,
     fleet: RefCell<Vec<u64>>,
     last_held_saved: Cell<usize>,
+    /// Wall ms of the last refresh of this shard's cluster snapshot part.
+    cluster_refreshed: Cell<u64>,
     /// The listening descriptor while this shard accepts (-1 otherwise).
     listen_fd: Cell<i32>,
     /// A live hand-over committed: this process is on its way out.
@@ -175,6 +177,7 @@ impl Shard {
                 );
                 self.after_gone(&id, session);
                 if let Some(t) = t {
+                    self.cluster_offline(&t, false);
                     self.publish(t);
                 }
             }
@@ -218,6 +221,11 @@ impl Shard {
                 d.record(id, rec);
             }
         }
+        if let Some(c) = &self.rt.cluster {
+            // Every accepted HELLO (also a supersede or a silent return).
+            c.handle
+                .online(id.as_bytes(), c.session_of(session, c.epoch), ts);
+        }
         if let Some(old) = out.supersede {
             self.router
                 .send(old.shard as usize, ShardMsg::Supersede { conn: old });
@@ -225,6 +233,24 @@ impl Shard {
         if let Some(t) = out.transition {
             self.publish(t);
         }
+    }
+
+    /// Owner: tell the cluster that the session of `t.agent` ended (the
+    /// record still names it). `presumed`: a session of the previous boot.
+    fn cluster_offline(&self, t: &Transition, presumed: bool) {
+        let Some(c) = &self.rt.cluster else {
+            return;
+        };
+        let Some(rec) = self.presence.borrow().get(&t.agent).map(|r| r.session) else {
+            return;
+        };
+        let epoch = if presumed { c.prev_epoch } else { c.epoch };
+        c.handle.offline(
+            t.agent.as_bytes(),
+            c.session_of(rec, epoch),
+            t.reason,
+            t.ts_ms,
+        );
     }
 
     /// Owner: count a drop into grace and keep the record on disk.
@@ -430,6 +456,9 @@ impl Shard {
         let now = Instant::now();
         let wall = crate::shared::wall_ms();
         self.presence.borrow_mut().expire(now, wall, transitions);
+        for t in transitions.iter() {
+            self.cluster_offline(t, false);
+        }
         if let Some(d) = self.durable.get() {
             for t in d.expire_presumed(wall) {
                 let forced = self.presence.borrow_mut().force_offline(
@@ -437,6 +466,9 @@ impl Shard {
                     crate::presence::table::OfflineReason::NotReconnected,
                     wall,
                 );
+                if let Some(f) = &forced {
+                    self.cluster_offline(f, true);
+                }
                 transitions.extend(forced);
             }
             let presence = self.presence.borrow();
@@ -451,6 +483,7 @@ impl Shard {
             self.publish(t);
         }
         self.send_fleet();
+        self.cluster_tick(wall);
         if let Some(g) = &self.guard {
             let fleet = self.fleet.borrow().iter().sum::<u64>();
             let released = g.borrow_mut().tick(wall, fleet);
@@ -458,6 +491,62 @@ impl Shard {
                 self.publish_here(h.to_transition());
             }
             self.save_held_if_changed();
+        }
+    }
+
+    /// Cluster mode: refresh this shard's part of the local snapshot every
+    /// few seconds; the event shard also gives the bridge the node's counts
+    /// and the guard's state (read by the node-lost gate).
+    fn cluster_tick(&self, wall: u64) {
+        let Some(c) = &self.rt.cluster else {
+            return;
+        };
+        if wall.saturating_sub(self.cluster_refreshed.get())
+            >= crate::shared::CLUSTER_SNAPSHOT_EVERY_MS
+        {
+            self.cluster_refreshed.set(wall);
+            let part: Vec<_> = self
+                .presence
+                .borrow()
+                .iter()
+                .filter(|(_, r)| r.state != crate::presence::table::State::Offline)
+                .map(|(id, r)| {
+                    // Online without a connection: presumed online since
+                    // the previous boot.
+                    let presumed =
+                        r.state == crate::presence::table::State::Online && r.conn.is_none();
+                    let epoch = if presumed { c.prev_epoch } else { c.epoch };
+                    presence_cluster::LocalAgent {
+                        id: id.as_bytes().to_vec(),
+                        session: c.session_of(r.session, epoch),
+                    }
+                })
+                .collect();
+            c.shared
+                .parts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.id, part);
+            c.shared
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.id, self.table.counts().0);
+        }
+        if let Some(g) = &self.guard {
+            let g = g.borrow();
+            c.shared
+                .guard_active
+                .store(g.is_active() || g.held_len() > 0, Ordering::Relaxed);
+            let agents = self.fleet.borrow().iter().sum::<u64>();
+            let connections = c
+                .shared
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .sum();
+            c.handle.set_local_counts(agents, connections);
         }
     }
 
@@ -709,6 +798,7 @@ async fn boot(
         }),
         fleet: RefCell::new(vec![0; nshards]),
         last_held_saved: Cell::new(0),
+        cluster_refreshed: Cell::new(0),
         listen_fd: Cell::new(-1),
         released: Cell::new(false),
         admission: Admission::default(),
